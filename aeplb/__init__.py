@@ -1,0 +1,41 @@
+"""aeplb: asynchronous expert-weight transfers for MoE expert-parallel load balancing."""
+
+from __future__ import annotations
+
+from ._batch import Batch
+from ._communicator import BlockingCommunicator, Communicator
+from ._create import create_communicator
+from ._exceptions import (
+    AEPLBError,
+    BackendUnavailableError,
+    BrokenCommunicatorError,
+    BusyCommunicatorError,
+    ClosedCommunicatorError,
+    InvalidTransferError,
+    PeerMismatchError,
+    TransferError,
+    TransferTimeoutError,
+)
+from ._stats import CommunicatorStatistics, TransferStats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    # communicator
+    "create_communicator",
+    "Communicator",
+    "BlockingCommunicator",
+    "Batch",
+    "TransferStats",
+    "CommunicatorStatistics",
+    # exceptions
+    "AEPLBError",
+    "InvalidTransferError",
+    "TransferError",
+    "TransferTimeoutError",
+    "PeerMismatchError",
+    "ClosedCommunicatorError",
+    "BrokenCommunicatorError",
+    "BusyCommunicatorError",
+    "BackendUnavailableError",
+]

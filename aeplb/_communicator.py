@@ -1,0 +1,460 @@
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+import torch
+
+from . import _manifest
+from ._exceptions import (
+    AEPLBError,
+    BrokenCommunicatorError,
+    BusyCommunicatorError,
+    ClosedCommunicatorError,
+    InvalidTransferError,
+    TransferTimeoutError,
+)
+from ._ops import Op, OpKind, PreparedBatch, check_op, prepare
+from ._runtime import Job, Worker
+from ._stats import CommunicatorStatistics, TransferStats
+
+if TYPE_CHECKING:
+    from ._batch import Batch
+    from .transports._base import Transport
+
+# How long past its deadline a batch may run before the awaiting side gives up on the
+# worker thread itself (the transport's own deadline should have fired well before).
+_GRACE_SECONDS = 2.0
+
+
+@dataclass
+class _Outcome:
+    transfer_seconds: float
+    check_seconds: float
+
+
+@dataclass
+class _Pending:
+    job: Job[_Outcome]
+    batch: PreparedBatch
+    called_at: float
+    deadline: float | None
+    timeout: float | None
+    rejected: InvalidTransferError | None = None
+
+
+def _check_timeout(timeout: object, where: str) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidTransferError(
+            f"{where}: timeout must be a positive number of seconds or None, got {timeout!r}"
+        )
+    return float(timeout)
+
+
+class Communicator:
+    """Queues point-to-point sends and receives and runs them as one awaitable batch.
+
+    Create one with :func:`aeplb.create_communicator`. Queueing (``add_send``,
+    ``add_recv``) is synchronous and validates at once; ``await execute()`` hands the batch
+    to the communicator's own worker thread and returns when received data is in place,
+    without blocking the event loop. Batches run in call order, one at a time.
+    """
+
+    def __init__(
+        self, transport: Transport, *, timeout: float | None = None, check_peers: bool = True
+    ) -> None:
+        self._transport = transport
+        self._timeout = _check_timeout(timeout, "create_communicator")
+        self._check_peers = bool(check_peers)
+        self._queue: list[Op] = []
+        self._worker = Worker(f"aeplb-{transport.name}")
+        self._lock = threading.Lock()
+        self._in_flight: collections.deque[Job[_Outcome]] = collections.deque()
+        self._awaiting = False
+        self._closed = False
+        self._broken: BaseException | None = None
+        self._last_error: BaseException | None = None
+        self._completed = 0
+        self._failed = 0
+        self._bytes = [0, 0, 0]  # sent, received, copied
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        """This process's rank within the communicator's group."""
+        return self._transport.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in the communicator's group."""
+        return self._transport.world_size
+
+    @property
+    def backend(self) -> str:
+        """The transport's name: ``"gloo"``, ``"nccl"`` or ``"pynccl"``."""
+        return self._transport.name
+
+    @property
+    def timeout(self) -> float | None:
+        """Default deadline in seconds for ``execute()``; None waits without one."""
+        return self._timeout
+
+    @property
+    def pending(self) -> int:
+        """Number of queued ops not yet executed."""
+        return len(self._queue)
+
+    # -- queueing ---------------------------------------------------------------------
+
+    def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
+        """Queues sending ``tensor`` to ``dst_rank`` (a rank within the group).
+
+        Raises:
+            InvalidTransferError: the tensor or rank is unusable; nothing was queued.
+            ClosedCommunicatorError: the communicator was closed.
+            BrokenCommunicatorError: an earlier failure made it unusable.
+        """
+        self._queue.append(self._make_op(OpKind.SEND, tensor, dst_rank))
+
+    def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
+        """Queues receiving into ``tensor`` from ``src_rank`` (a rank within the group).
+
+        Raises:
+            InvalidTransferError: the tensor or rank is unusable; nothing was queued.
+            ClosedCommunicatorError: the communicator was closed.
+            BrokenCommunicatorError: an earlier failure made it unusable.
+        """
+        self._queue.append(self._make_op(OpKind.RECV, tensor, src_rank))
+
+    def clear(self) -> int:
+        """Discards the queued ops and returns how many there were."""
+        count = len(self._queue)
+        self._queue = []
+        return count
+
+    def batch(self, *, timeout: float | None = None) -> Batch:
+        """Returns an async context manager that collects ops and executes them on exit.
+
+        The block's ops are kept apart from ``pending`` ones. On normal exit they run as one
+        batch (the stats are on ``b.stats``); if the block raises, they are discarded.
+        """
+        from ._batch import Batch
+
+        return Batch(self, timeout)
+
+    def set_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """Runs later transfers on ``stream`` (CUDA transports); None picks the default."""
+        self._check_usable()
+        self._transport.set_stream(stream)
+
+    def _make_op(self, kind: OpKind, tensor: object, peer: object) -> Op:
+        self._check_usable()
+        op = check_op(kind, tensor, peer, self.world_size)
+        self._transport.check_tensor(op.tensor, "add_send" if kind is OpKind.SEND else "add_recv")
+        return op
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ClosedCommunicatorError(
+                "this communicator was closed; create a new one with aeplb.create_communicator()"
+            )
+        if self._broken is not None:
+            raise BrokenCommunicatorError(
+                f"this communicator is broken by an earlier failure ({self._broken}); "
+                "create a new one (and for NCCL a new process group)"
+            ) from self._broken
+
+    # -- execution --------------------------------------------------------------------
+
+    async def execute(self, timeout: float | None = None) -> TransferStats:
+        """Runs every queued op as one batch and clears the queue.
+
+        Args:
+            timeout: Deadline in seconds for this batch; None uses the communicator's.
+
+        Returns:
+            What moved and how long it took.
+
+        Raises:
+            InvalidTransferError: the batch is invalid locally (e.g. self-sends without
+                matching self-receives); the queue is left as it was.
+            PeerMismatchError: op lists do not pair up across ranks; nothing moved, the
+                queue is cleared and the communicator stays usable.
+            TransferTimeoutError: the deadline passed; the communicator is now broken.
+            BrokenCommunicatorError: a peer or the backend failed.
+            BusyCommunicatorError: another ``execute()`` is still being awaited.
+            ClosedCommunicatorError: the communicator was closed.
+
+        If the awaiting task is cancelled, the batch keeps running on the worker thread and
+        keeps its tensors alive until it ends; the destination tensors hold the received
+        data once it does (undefined until then). Later batches run after it.
+        """
+        pending = self._start(self._queue, timeout, from_queue=True)
+        try:
+            await self._wait_async(pending)
+        finally:
+            self._awaiting = False
+        return self._finish(pending)
+
+    async def _execute_ops(self, ops: list[Op], timeout: float | None) -> TransferStats:
+        pending = self._start(ops, timeout, from_queue=False)
+        try:
+            await self._wait_async(pending)
+        finally:
+            self._awaiting = False
+        return self._finish(pending)
+
+    def _execute_blocking(self, timeout: float | None) -> TransferStats:
+        pending = self._start(self._queue, timeout, from_queue=True)
+        try:
+            limit = None
+            if pending.deadline is not None:
+                limit = max(pending.deadline - time.monotonic(), 0.0) + _GRACE_SECONDS
+            if not pending.job.wait(limit):
+                self._abandon(pending)
+        finally:
+            self._awaiting = False
+        return self._finish(pending)
+
+    async def _wait_async(self, pending: _Pending) -> None:
+        if pending.deadline is None:
+            await pending.job.wait_async()
+            return
+        limit = max(pending.deadline - time.monotonic(), 0.0) + _GRACE_SECONDS
+        with anyio.move_on_after(limit):
+            await pending.job.wait_async()
+        if not pending.job.done():
+            self._abandon(pending)
+
+    def _abandon(self, pending: _Pending) -> None:
+        error = TransferTimeoutError(
+            f"the batch did not finish within its {pending.timeout} s deadline and the "
+            f"{self.backend} backend did not return; the communicator is broken, create a new one"
+        )
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+            self._last_error = error
+        raise error
+
+    def _start(self, ops: list[Op], timeout: float | None, *, from_queue: bool) -> _Pending:
+        self._check_usable()
+        if self._awaiting:
+            raise BusyCommunicatorError(
+                "execute() is already in progress on this communicator; await it before "
+                "starting another batch (use one communicator per concurrent stream of batches)"
+            )
+        timeout = _check_timeout(timeout, "execute") or self._timeout
+        called_at = time.monotonic()
+        deadline = None if timeout is None else called_at + timeout
+        rejected: InvalidTransferError | None = None
+        try:
+            batch = prepare(ops, self.rank)
+        except InvalidTransferError as exc:
+            if not self._check_peers:
+                raise
+            # Tell the peers, through the manifest, so they fail now instead of at a deadline.
+            rejected, batch = exc, PreparedBatch()
+        ready = self._transport.capture_ready()
+        status = _manifest.OK if rejected is None else _manifest.REJECTED
+        job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
+        with self._lock:
+            self._in_flight.append(job)
+        job.add_done_callback(lambda: self._settle(job))
+        if from_queue and rejected is None:
+            self._queue = []
+        self._awaiting = True
+        return _Pending(job, batch, called_at, deadline, timeout, rejected)
+
+    def _run(
+        self, batch: PreparedBatch, ready: object | None, deadline: float | None, status: int
+    ) -> _Outcome:
+        """Runs on the worker thread."""
+        if self._broken is not None:
+            raise BrokenCommunicatorError(
+                f"an earlier batch broke this communicator ({self._broken})"
+            ) from self._broken
+        started = time.monotonic()
+        check_seconds = 0.0
+        try:
+            if self._check_peers:
+                local = _manifest.build(batch.ops, self.world_size, status)
+                _manifest.check(local, lambda t: self._transport.all_gather(t, deadline), self.rank)
+                check_seconds = time.monotonic() - started
+            self._transport.run(batch, ready, deadline)
+        except AEPLBError:
+            raise
+        except TimeoutError as exc:
+            error: AEPLBError = TransferTimeoutError(
+                f"the batch missed its deadline on rank {self.rank}: {exc}. A peer may be "
+                "dead, stopped or not executing a matching batch; the communicator is broken, "
+                "create a new one"
+            )
+            self._break(error, exc)
+            raise error from exc
+        except Exception as exc:
+            error = BrokenCommunicatorError(
+                f"the {self.backend} backend failed on rank {self.rank}: {exc}. A peer may "
+                "have died; the communicator is broken, create a new one"
+            )
+            self._break(error, exc)
+            raise error from exc
+        return _Outcome(time.monotonic() - started, check_seconds)
+
+    def _break(self, error: AEPLBError, cause: BaseException) -> None:
+        error.__cause__ = cause
+        with self._lock:
+            if self._broken is None:
+                self._broken = error
+
+    def _settle(self, job: Job[_Outcome]) -> None:
+        """Runs on the worker thread when a job ends, awaited or not."""
+        with self._lock:
+            self._in_flight.remove(job)
+            try:
+                job.result()
+            except BaseException as exc:
+                self._failed += 1
+                self._last_error = exc
+            else:
+                self._completed += 1
+
+    def _finish(self, pending: _Pending) -> TransferStats:
+        if pending.rejected is not None:
+            raise pending.rejected  # the peers got a PeerMismatchError through the manifest
+        outcome = pending.job.result()  # re-raises the worker's error
+        batch = pending.batch
+        with self._lock:
+            self._bytes[0] += batch.bytes_sent
+            self._bytes[1] += batch.bytes_received
+            self._bytes[2] += batch.bytes_copied
+        finished = pending.job.finished_at or time.monotonic()
+        return TransferStats(
+            bytes_sent=batch.bytes_sent,
+            bytes_received=batch.bytes_received,
+            bytes_copied=batch.bytes_copied,
+            num_sends=batch.num_sends,
+            num_recvs=batch.num_recvs,
+            num_copies=len(batch.copies),
+            seconds=finished - pending.called_at,
+            transfer_seconds=outcome.transfer_seconds,
+            check_seconds=outcome.check_seconds,
+        )
+
+    # -- introspection and lifetime ---------------------------------------------------
+
+    def statistics(self) -> CommunicatorStatistics:
+        """Returns a snapshot of cumulative counters and health (never blocks)."""
+        now = time.monotonic()
+        with self._lock:
+            oldest = self._in_flight[0].submitted_at if self._in_flight else now
+            return CommunicatorStatistics(
+                backend=self.backend,
+                rank=self.rank,
+                world_size=self.world_size,
+                pending_ops=len(self._queue),
+                batches_completed=self._completed,
+                batches_failed=self._failed,
+                bytes_sent=self._bytes[0],
+                bytes_received=self._bytes[1],
+                bytes_copied=self._bytes[2],
+                in_flight=len(self._in_flight),
+                in_flight_seconds=now - oldest,
+                last_error=self._last_error,
+                closed=self._closed,
+                broken=self._broken is not None,
+            )
+
+    def blocking(self) -> BlockingCommunicator:
+        """Returns a facade with the reference four-method interface; ``execute()`` blocks."""
+        self._check_usable()
+        return BlockingCommunicator(self)
+
+    def _begin_close(self) -> Job[None] | None:
+        if self._closed:
+            return None
+        self._closed = True
+        self._queue = []
+        job = self._worker.submit(self._transport.close)
+        self._worker.stop()
+        return job if self._broken is None else None
+
+    def _close_blocking(self) -> None:
+        job = self._begin_close()
+        if job is not None:
+            job.wait(self._timeout or 60.0)
+
+    async def aclose(self) -> None:
+        """Closes the communicator; queued ops are discarded.
+
+        Batches already handed to the worker (including ones whose awaiting task was
+        cancelled) finish first, unless the communicator is broken. Idempotent.
+        """
+        job = self._begin_close()
+        if job is None:
+            await anyio.lowlevel.checkpoint()
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout or 60.0):
+            await job.wait_async()
+
+    async def __aenter__(self) -> Communicator:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "broken" if self._broken else "open"
+        return (
+            f"<aeplb.Communicator backend={self.backend} rank={self.rank}/{self.world_size} "
+            f"pending={self.pending} {state}>"
+        )
+
+
+class BlockingCommunicator:
+    """The reference four-method interface over a :class:`Communicator`.
+
+    ``execute()`` blocks the calling thread until the batch is done, so code written for
+    synchronous EPLB communicators runs unchanged.
+    """
+
+    def __init__(self, communicator: Communicator) -> None:
+        self._comm = communicator
+
+    @property
+    def communicator(self) -> Communicator:
+        """The awaitable communicator underneath."""
+        return self._comm
+
+    def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
+        """Queues sending ``tensor`` to ``dst_rank``."""
+        self._comm.add_send(tensor, dst_rank)
+
+    def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
+        """Queues receiving into ``tensor`` from ``src_rank``."""
+        self._comm.add_recv(tensor, src_rank)
+
+    def execute(self, timeout: float | None = None) -> TransferStats:
+        """Runs every queued op as one batch, blocking until it is done."""
+        return self._comm._execute_blocking(timeout)
+
+    def set_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """Runs later transfers on ``stream``."""
+        self._comm.set_stream(stream)
+
+    def close(self) -> None:
+        """Closes the communicator, waiting for batches already handed to it."""
+        self._comm._close_blocking()

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._communicator import Communicator
+from ._exceptions import BackendUnavailableError, InvalidTransferError
+from .transports._base import Transport
+
+BACKENDS = ("auto", "nccl", "pynccl", "gloo")
+
+
+def _group_backends(group: dist.ProcessGroup) -> str:
+    try:
+        return str(dist.get_backend(group)).lower()
+    except Exception:  # pragma: no cover - exotic groups
+        return ""
+
+
+def _choose(backend: str, group: dist.ProcessGroup, device: torch.device | None) -> str:
+    if backend != "auto":
+        return backend
+    wants_cuda = device is not None and device.type == "cuda"
+    if device is None:
+        wants_cuda = torch.cuda.is_available() and "nccl" in _group_backends(group)
+    return "nccl" if wants_cuda else "gloo"
+
+
+def _make_transport(
+    name: str,
+    group: dist.ProcessGroup,
+    rank: int,
+    world_size: int,
+    device: torch.device | None,
+    options: dict[str, Any],
+) -> Transport:
+    if name == "gloo":
+        if "gloo" not in _group_backends(group):
+            raise BackendUnavailableError(
+                f"backend='gloo' needs a process group with Gloo, but this group runs "
+                f"{_group_backends(group)!r}; pass group=torch.distributed.new_group("
+                "backend='gloo') (called on every rank)"
+            )
+        from .transports.gloo import GlooTransport
+
+        return GlooTransport(group, rank, world_size)
+    raise BackendUnavailableError(
+        f"backend={name!r} is not available in this build of aeplb; use 'gloo'"
+    )
+
+
+def create_communicator(
+    backend: str = "auto",
+    *,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | str | int | None = None,
+    timeout: float | None = None,
+    **options: Any,
+) -> Communicator:
+    """Creates an awaitable communicator over a torch.distributed process group.
+
+    Call it on every rank of ``group``. Ranks passed to ``add_send``/``add_recv`` are
+    ranks within ``group``.
+
+    Args:
+        backend: ``"auto"`` (NCCL for CUDA devices on an NCCL-capable group, otherwise
+            Gloo), ``"nccl"``, ``"pynccl"`` or ``"gloo"``.
+        group: The process group to use; default ``torch.distributed.group.WORLD``. A group
+            dedicated to expert transfers keeps them apart from the model's collectives.
+        device: The CUDA device the tensors live on, for CUDA backends.
+        timeout: Default deadline in seconds for every ``execute()``; None waits without an
+            aeplb deadline (the process group's own timeout still applies).
+        **options: ``check_peers`` (bool, default True): before each batch, exchange a
+            small manifest (op count, bytes and a digest of dtypes and sizes per peer) so
+            that op lists which do not pair up raise PeerMismatchError on every rank instead
+            of hanging. With it on, every rank of the group must call ``execute()`` for
+            every batch, even with nothing queued.
+
+    Returns:
+        A new :class:`Communicator`.
+
+    Raises:
+        BackendUnavailableError: torch.distributed is not initialized, or the backend
+            cannot run here; the message says what is missing.
+        InvalidTransferError: an argument is wrong.
+    """
+    if backend not in BACKENDS:
+        raise InvalidTransferError(
+            f"create_communicator: backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise BackendUnavailableError(
+            "torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group(...) on every rank first"
+        )
+    if group is None:
+        group = dist.group.WORLD
+        assert group is not None
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise InvalidTransferError(
+            "create_communicator: this process is not a member of `group`; create the "
+            "communicator only on the group's ranks"
+        )
+    world_size = dist.get_world_size(group)
+    dev = None
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise InvalidTransferError(
+                f"create_communicator: device={device!r} is not a torch device"
+            ) from exc
+    check_peers = options.pop("check_peers", True)
+    transport = _make_transport(_choose(backend, group, dev), group, rank, world_size, dev, options)
+    if options:
+        raise TypeError(
+            f"create_communicator() got unknown option(s) {sorted(options)}; "
+            "see help(aeplb.create_communicator)"
+        )
+    return Communicator(transport, timeout=timeout, check_peers=check_peers)

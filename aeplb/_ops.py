@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ._exceptions import InvalidTransferError
+
+
+class OpKind(enum.Enum):
+    SEND = "send"
+    RECV = "recv"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    kind: OpKind
+    tensor: torch.Tensor
+    peer: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
+    """Validates one op as it is queued; the message names the argument and the fix."""
+    verb = "add_send" if kind is OpKind.SEND else "add_recv"
+    rank_arg = "dst_rank" if kind is OpKind.SEND else "src_rank"
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidTransferError(
+            f"{verb}: tensor must be a torch.Tensor, got {type(tensor).__name__}"
+        )
+    if tensor.is_sparse or tensor.layout is not torch.strided:
+        raise InvalidTransferError(
+            f"{verb}: tensor has layout {tensor.layout}; pass a dense (strided) tensor"
+        )
+    if not tensor.is_contiguous():
+        raise InvalidTransferError(
+            f"{verb}: tensor of shape {tuple(tensor.shape)} is not contiguous; "
+            "pass tensor.contiguous() (and copy received data back yourself) or a contiguous view"
+        )
+    if isinstance(peer, bool) or not isinstance(peer, int):
+        raise InvalidTransferError(
+            f"{verb}: {rank_arg} must be an int rank within the group, got {peer!r}"
+        )
+    if not 0 <= peer < world_size:
+        raise InvalidTransferError(
+            f"{verb}: {rank_arg}={peer} is out of range for a group of {world_size} ranks; "
+            f"ranks are group ranks in [0, {world_size})"
+        )
+    return Op(kind, tensor, peer)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch split into network ops and local copies, with byte counts."""
+
+    ops: list[Op] = field(default_factory=list)
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_copied: int = 0
+
+    @property
+    def num_sends(self) -> int:
+        return sum(op.kind is OpKind.SEND for op in self.ops)
+
+    @property
+    def num_recvs(self) -> int:
+        return sum(op.kind is OpKind.RECV for op in self.ops)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [op.tensor for op in self.ops]
+        for src, dst in self.copies:
+            out.extend((src, dst))
+        return out
+
+
+def prepare(ops: list[Op], rank: int) -> PreparedBatch:
+    """Pairs self-sends with self-receives in queue order; the rest are network ops."""
+    batch = PreparedBatch()
+    self_sends: list[Op] = []
+    self_recvs: list[Op] = []
+    for op in ops:
+        if op.peer == rank:
+            (self_sends if op.kind is OpKind.SEND else self_recvs).append(op)
+            continue
+        batch.ops.append(op)
+        if op.kind is OpKind.SEND:
+            batch.bytes_sent += op.nbytes
+        else:
+            batch.bytes_received += op.nbytes
+    if len(self_sends) != len(self_recvs):
+        raise InvalidTransferError(
+            f"rank {rank} queued {len(self_sends)} send(s) to itself but {len(self_recvs)} "
+            "receive(s) from itself; self-sends pair with self-receives in queue order, "
+            "so queue one add_recv(tensor, own_rank) per add_send(tensor, own_rank)"
+        )
+    for i, (send, recv) in enumerate(zip(self_sends, self_recvs, strict=True)):
+        s, r = send.tensor, recv.tensor
+        if s.dtype != r.dtype or s.numel() != r.numel():
+            raise InvalidTransferError(
+                f"self-transfer #{i} on rank {rank}: send is {s.dtype} x {s.numel()} but the "
+                f"paired receive is {r.dtype} x {r.numel()}; the i-th self-send pairs with the "
+                "i-th self-receive, so queue them with matching dtype and element count"
+            )
+        batch.copies.append((s, r))
+        batch.bytes_copied += send.nbytes
+    return batch
+
+
+def per_peer(ops: list[Op]) -> dict[tuple[OpKind, int], list[Op]]:
+    grouped: dict[tuple[OpKind, int], list[Op]] = defaultdict(list)
+    for op in ops:
+        grouped[(op.kind, op.peer)].append(op)
+    return grouped

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+_worker_ids = itertools.count()
+
+
+class Job(Generic[T]):
+    """A function queued on a Worker; completion is observable from threads and event loops."""
+
+    def __init__(self, fn: Callable[[], T]) -> None:
+        self._fn = fn
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    def _run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            self._result = self._fn()
+        except BaseException as exc:
+            self._error = exc
+        self.finished_at = time.monotonic()
+        self._fn = _noop  # drop references (tensors) as soon as the work is over
+        with self._lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` from the worker thread when done (at once if already done)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Waits for completion without blocking the event loop (asyncio, uvloop or trio)."""
+        if self.done():
+            await anyio.lowlevel.checkpoint()
+            return
+        event = anyio.Event()
+        call_soon = _loop_caller()
+
+        def wake() -> None:
+            try:
+                call_soon(event.set)
+            except Exception:  # the loop is gone; nobody is waiting any more
+                pass
+
+        self.add_done_callback(wake)
+        await event.wait()
+
+
+def _noop() -> Any:
+    return None
+
+
+def _loop_caller() -> Callable[[Callable[[], object]], object]:
+    """Returns a thread-safe "run this soon on the current event loop" function.
+
+    A direct wake-up costs one loop iteration, whereas waiting through a helper thread
+    (``to_thread.run_sync(event.wait)``) ties up a pool thread per pending batch.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return loop.call_soon_threadsafe
+    import trio
+
+    return trio.lowlevel.current_trio_token().run_sync_soon
+
+
+class Worker:
+    """One daemon thread that runs jobs in submission order.
+
+    Every backend call of a communicator happens on this thread, so NCCL sees one issuing
+    thread per communicator and batches can never interleave.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[Job[Any] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._main, name=f"{name}-{next(_worker_ids)}", daemon=True
+        )
+        self._stopping = False
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def submit(self, fn: Callable[[], T]) -> Job[T]:
+        if self._stopping:
+            raise RuntimeError("worker is stopping")
+        job = Job(fn)
+        self._queue.put(job)
+        return job
+
+    def stop(self) -> None:
+        """Lets queued jobs finish, then ends the thread (does not wait for it)."""
+        if not self._stopping:
+            self._stopping = True
+            self._queue.put(None)
+
+    def _main(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            job._run()

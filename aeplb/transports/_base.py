@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from .._ops import PreparedBatch
+
+
+class Transport(abc.ABC):
+    """Moves one prepared batch between ranks.
+
+    A transport knows nothing of experts or placements. ``check_tensor``,
+    ``capture_ready`` and ``set_stream`` run on the caller's thread and never block;
+    everything else runs on the communicator's worker thread, one call at a time.
+    """
+
+    name: str = "?"
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    @abc.abstractmethod
+    def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
+        """Raises InvalidTransferError if this transport cannot move ``tensor``."""
+
+    def capture_ready(self) -> object | None:
+        """Marks the caller's current position in stream order (for CUDA transports)."""
+        return None
+
+    def set_stream(self, stream: object | None) -> None:  # noqa: B027 - optional hook
+        """Uses ``stream`` for the transfer (CUDA transports)."""
+
+    @abc.abstractmethod
+    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        """Gathers a small CPU int64 tensor from every rank: [world, *local.shape]."""
+
+    @abc.abstractmethod
+    def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
+        """Runs the batch; returns once received data is in place.
+
+        Raises TimeoutError when ``deadline`` (a ``time.monotonic()`` value) passes.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases what the transport holds (called on the worker thread)."""
