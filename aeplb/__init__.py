@@ -17,6 +17,8 @@ from ._exceptions import (
     TransferTimeoutError,
 )
 from ._stats import CommunicatorStatistics, TransferStats
+from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
+from .policy import Placement, rebalance_experts
 
 __version__ = "0.1.0.dev0"
 
@@ -28,6 +30,12 @@ __all__ = [
     "Batch",
     "TransferStats",
     "CommunicatorStatistics",
+    # placement and planning
+    "rebalance_experts",
+    "Placement",
+    "plan_rearrangement",
+    "RearrangementPlan",
+    "LayerPlan",
     # exceptions
     "AEPLBError",
     "InvalidTransferError",
