@@ -36,19 +36,42 @@ def _make_transport(
     device: torch.device | None,
     options: dict[str, Any],
 ) -> Transport:
+    backends = _group_backends(group)
     if name == "gloo":
-        if "gloo" not in _group_backends(group):
+        if "gloo" not in backends:
             raise BackendUnavailableError(
                 f"backend='gloo' needs a process group with Gloo, but this group runs "
-                f"{_group_backends(group)!r}; pass group=torch.distributed.new_group("
-                "backend='gloo') (called on every rank)"
+                f"{backends!r}; pass group=torch.distributed.new_group(backend='gloo') "
+                "(called on every rank)"
             )
         from .transports.gloo import GlooTransport
 
-        return GlooTransport(group, rank, world_size)
-    raise BackendUnavailableError(
-        f"backend={name!r} is not available in this build of aeplb; use 'gloo'"
-    )
+        gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
+        return GlooTransport(group, rank, world_size, device=device, **gloo_options)
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"backend={name!r} needs CUDA, but torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}); use backend='gloo' for CPU tensors, or install a "
+            "CUDA build of torch on a machine with GPUs"
+        )
+    from ._cuda import resolve_device
+
+    cuda_device = resolve_device(device)
+    nccl_options = {k: options.pop(k) for k in ("max_ops_per_group",) if k in options}
+    if name == "nccl":
+        if "nccl" not in backends:
+            raise BackendUnavailableError(
+                f"backend='nccl' needs a process group with NCCL, but this group runs "
+                f"{backends!r}; pass group=torch.distributed.new_group(backend='nccl') "
+                "(called on every rank), or use backend='pynccl' which brings its own NCCL"
+            )
+        from .transports.nccl import NCCLTransport
+
+        return NCCLTransport(group, rank, world_size, cuda_device, **nccl_options)
+    from .transports.pynccl import PyNCCLTransport
+
+    library = options.pop("nccl_library", None)
+    return PyNCCLTransport(group, rank, world_size, cuda_device, library=library, **nccl_options)
 
 
 def create_communicator(
@@ -72,11 +95,18 @@ def create_communicator(
         device: The CUDA device the tensors live on, for CUDA backends.
         timeout: Default deadline in seconds for every ``execute()``; None waits without an
             aeplb deadline (the process group's own timeout still applies).
-        **options: ``check_peers`` (bool, default True): before each batch, exchange a
-            small manifest (op count, bytes and a digest of dtypes and sizes per peer) so
-            that op lists which do not pair up raise PeerMismatchError on every rank instead
-            of hanging. With it on, every rank of the group must call ``execute()`` for
-            every batch, even with nothing queued.
+        **options: Backend options; each must be the same on every rank.
+            ``check_peers`` (bool, default True): before each batch, exchange a small
+            manifest (op count, bytes and a digest of dtypes and sizes per peer) so that
+            op lists which do not pair up raise PeerMismatchError on every rank instead of
+            hanging. With it on, every rank of the group must call ``execute()`` for every
+            batch, even with nothing queued.
+            ``max_ops_per_group`` (nccl, pynccl; default 64, None for no cap): ops in one
+            NCCL group; larger batches are split so that no rank can deadlock.
+            ``nccl_library`` (pynccl): path of libnccl.so; default: the one torch loaded,
+            the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
+            ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
+            8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
 
     Returns:
         A new :class:`Communicator`.

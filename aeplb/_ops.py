@@ -117,3 +117,22 @@ def per_peer(ops: list[Op]) -> dict[tuple[OpKind, int], list[Op]]:
     for op in ops:
         grouped[(op.kind, op.peer)].append(op)
     return grouped
+
+
+def group_chunks(ops: list[Op], world_size: int, max_ops: int | None) -> list[list[Op]]:
+    """Splits ops into NCCL groups of at most about ``max_ops`` ops.
+
+    Chunk k holds the k-th run of each (peer, direction) list, so a chunk on one rank only
+    ever waits for ops that its peers have posted in the same or an earlier chunk: chunking
+    cannot deadlock, whatever each rank's mix of peers.
+    """
+    if max_ops is None or len(ops) <= max_ops:
+        return [ops] if ops else []
+    per = max(1, max_ops // (2 * max(world_size - 1, 1)))
+    seq: defaultdict[tuple[OpKind, int], int] = defaultdict(int)
+    chunks: defaultdict[int, list[Op]] = defaultdict(list)
+    for op in ops:
+        index = seq[(op.kind, op.peer)]
+        seq[(op.kind, op.peer)] += 1
+        chunks[index // per].append(op)
+    return [chunks[k] for k in sorted(chunks)]

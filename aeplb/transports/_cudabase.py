@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import abc
+import threading
+
+import torch
+
+from .. import _cuda
+from .._ops import PreparedBatch
+from ._base import Transport
+
+
+class CudaTransport(Transport):
+    """Shared stream handling for transports of CUDA tensors.
+
+    The batch runs on the communicator's stream after the caller's stream position captured
+    at ``execute()``; completion is a CUDA event the worker thread waits on, so the host
+    never synchronizes a whole stream and received data is visible to every stream when
+    ``execute()`` returns. The job holds every tensor until that event completes, so the
+    caching allocator cannot hand their memory out while the transfer runs.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        super().__init__(rank, world_size)
+        self.device = device
+        self._user_stream: torch.cuda.Stream | None = None
+        self._own_stream: torch.cuda.Stream | None = None
+        self._thread_ready = threading.local()
+
+    def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
+        _cuda.check_cuda_tensor(tensor, self.device, verb, self.name)
+
+    def capture_ready(self) -> object | None:
+        return _cuda.record_ready(self.device)
+
+    def set_stream(self, stream: object | None) -> None:
+        self._user_stream = _cuda.check_stream(stream, self.device)
+
+    def stream(self) -> torch.cuda.Stream:
+        if self._user_stream is not None:
+            return self._user_stream
+        if self._own_stream is None:
+            self._own_stream = _cuda.new_stream(self.device)
+        return self._own_stream
+
+    def enter_thread(self) -> None:
+        # The current device is per thread; the worker must set it before any CUDA call.
+        if not getattr(self._thread_ready, "done", False):
+            torch.cuda.set_device(self.device)
+            self._thread_ready.done = True
+
+    def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
+        self.enter_thread()
+        stream = self.stream()
+        with torch.cuda.stream(stream):
+            if isinstance(ready, torch.cuda.Event):
+                stream.wait_event(ready)
+            for src, dst in batch.copies:
+                dst.view(-1).copy_(src.view(-1), non_blocking=True)
+            self.launch(batch, stream)
+            done = _cuda.new_event()
+            done.record(stream)
+        try:
+            _cuda.wait_event(done, deadline)
+        except TimeoutError:
+            self.abort()
+            raise
+
+    @abc.abstractmethod
+    def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
+        """Enqueues the network ops on ``stream`` (the current stream)."""
+
+    def abort(self) -> None:
+        """Tears the backend down after a missed deadline so its kernels stop."""

@@ -1,0 +1,108 @@
+"""NCCL through aeplb's own libnccl binding: one NCCL communicator per aeplb communicator.
+
+Independent of torch.distributed's NCCL backend (only the unique id travels over the
+process group), so its kernels never share a communicator with the model's collectives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import _cuda
+from .._exceptions import BackendUnavailableError
+from .._ops import OpKind, PreparedBatch, group_chunks
+from . import _libnccl
+from ._cudabase import CudaTransport
+from .nccl import DEFAULT_MAX_OPS_PER_GROUP
+
+
+class PyNCCLTransport(CudaTransport):
+    name = "pynccl"
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        library: str | None = None,
+        max_ops_per_group: int | None = DEFAULT_MAX_OPS_PER_GROUP,
+    ) -> None:
+        super().__init__(rank, world_size, device)
+        self._max_ops = max_ops_per_group
+        self._lib = _libnccl.NCCLLibrary(library)
+        uid = [self._lib.get_unique_id().to_bytes() if rank == 0 else None]
+        nccl_only = "gloo" not in str(dist.get_backend(group)).lower()
+        dist.broadcast_object_list(
+            uid,
+            src=dist.get_global_rank(group, 0),
+            group=group,
+            device=device if nccl_only else None,
+        )
+        if not isinstance(uid[0], bytes):
+            raise BackendUnavailableError("pynccl: the NCCL unique id did not arrive from rank 0")
+        with torch.cuda.device(device):
+            self._comm = _libnccl.NCCLComm.init(self._lib, uid[0], world_size, rank)
+
+    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        self.enter_thread()
+        stream = self.stream()
+        with torch.cuda.stream(stream):
+            mine = local.to(self.device, non_blocking=True)
+            out = torch.empty(
+                (self.world_size, *local.shape), dtype=local.dtype, device=self.device
+            )
+            out[self.rank].copy_(mine)
+            handle = stream.cuda_stream
+            nbytes = mine.numel() * mine.element_size()
+            self._lib.group_start()
+            try:
+                for peer in range(self.world_size):
+                    if peer != self.rank:
+                        self._comm.send(
+                            mine.data_ptr(), nbytes, _libnccl.DataType.UINT8, peer, handle
+                        )
+                        self._comm.recv(
+                            out[peer].data_ptr(), nbytes, _libnccl.DataType.UINT8, peer, handle
+                        )
+            finally:
+                self._lib.group_end()
+            host = out.to("cpu", non_blocking=True)
+            done = _cuda.new_event()
+            done.record(stream)
+        try:
+            _cuda.wait_event(done, deadline)
+        except TimeoutError:
+            self.abort()
+            raise
+        return host
+
+    def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
+        handle = stream.cuda_stream
+        u8 = _libnccl.DataType.UINT8
+        for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
+            self._lib.group_start()
+            try:
+                for op in chunk:
+                    t = op.tensor
+                    count = t.numel() * t.element_size()
+                    if op.kind is OpKind.SEND:
+                        self._comm.send(t.data_ptr(), count, u8, op.peer, handle)
+                    else:
+                        self._comm.recv(t.data_ptr(), count, u8, op.peer, handle)
+            finally:
+                self._lib.group_end()
+
+    def abort(self) -> None:
+        try:
+            self._comm.abort()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        if not self._comm.closed:
+            self.enter_thread()
+            torch.cuda.current_stream(self.device).synchronize()
+            self._comm.destroy()
