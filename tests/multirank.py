@@ -50,10 +50,12 @@ def _rank_main(rank: int, world_size: int, tasks: Any, results: Any) -> None:
         msg = tasks.get()
         if msg is None:
             return
-        run_id, fn, args, backend, port, pg_timeout = msg
+        run_id, fn, args, backend, port, pg_timeout, pg_backend = msg
         try:
+            if "nccl" in pg_backend:
+                torch.cuda.set_device(rank % torch.cuda.device_count())
             dist.init_process_group(
-                "gloo",
+                pg_backend,
                 init_method=f"tcp://127.0.0.1:{port}",
                 rank=rank,
                 world_size=world_size,
@@ -121,18 +123,21 @@ class RankPool:
         timeout: float = 60.0,
         pg_timeout: float = 60.0,
         allow_dead: bool = False,
+        pg_backend: str = "gloo",
     ) -> list[Any]:
         """Runs ``fn(rank, world_size, *args)`` on every rank; returns the results by rank.
 
         ``backend`` is "sync" or an async backend name (asyncio, uvloop, trio) for an async
-        ``fn``. With ``allow_dead``, ranks that die or never answer give None instead of
-        failing the run (for fault tests), and the pool is respawned afterwards.
+        ``fn``. ``pg_backend`` is the default group's backend (e.g. "cpu:gloo,cuda:nccl";
+        with NCCL each rank first selects GPU ``rank``). With ``allow_dead``, ranks that die
+        or never answer give None instead of failing the run (for fault tests), and the pool
+        is respawned afterwards.
         """
         self._ensure()
         run_id = next(self._ids)
         port = free_port()
         for q in self._tasks:
-            q.put((run_id, fn, args, backend, port, pg_timeout))
+            q.put((run_id, fn, args, backend, port, pg_timeout, pg_backend))
         got: dict[int, tuple[bool, Any]] = {}
         import time
 

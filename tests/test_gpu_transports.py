@@ -1,0 +1,269 @@
+"""CUDA transports on real GPUs: one rank per GPU, NCCL and Gloo process groups.
+
+Skipped without two GPUs; AEPLB_REQUIRE_GPU=1 turns the skips into failures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import anyio.lowlevel
+import pytest
+import torch
+
+import aeplb
+
+from .conftest import require_gpu
+from .multirank import RankPool
+from .payloads import payload, seed_of
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = ["nccl", "pynccl", "gloo"]
+PG = "cpu:gloo,cuda:nccl"
+FP8 = getattr(torch, "float8_e4m3fn", torch.uint8)
+
+
+def gpu_payload(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if dtype == FP8 and dtype != torch.uint8:
+        return payload(seed, shape, torch.float32).to(dtype).cuda()
+    return payload(seed, shape, dtype).cuda()
+
+
+def same_bytes(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    a = got.contiguous().view(-1).view(torch.uint8).cpu()
+    b = want.contiguous().view(-1).view(torch.uint8).cpu()
+    if not torch.equal(a, b):
+        bad = (a != b).nonzero()
+        raise AssertionError(f"{what}: {bad.numel()} of {a.numel()} bytes differ")
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device="cuda")
+
+
+@pytest.fixture
+def gpus2(world2: RankPool) -> RankPool:
+    require_gpu(2)
+    return world2
+
+
+# -- rank functions -------------------------------------------------------------------
+
+
+async def exchange(rank: int, world: int, backend: str, dtype_name: str, layout: str) -> float:
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8, "u8": torch.uint8}[
+        dtype_name
+    ]
+    peer = 1 - rank
+    shapes = [(32 << 20,)] if layout == "one-large" else [(1000 + 37 * i,) for i in range(150)]
+    async with aeplb.create_communicator(backend, timeout=120) as comm:
+        assert comm.backend == backend
+        bufs = []
+        for i, shape in enumerate(shapes):
+            comm.add_send(gpu_payload(seed_of(rank, peer, i), shape, dtype), peer)
+            buf = poisoned(shape, dtype)
+            comm.add_recv(buf, peer)
+            bufs.append(buf)
+        # a self-send rides along: a device copy, never a network op
+        mine = gpu_payload(seed_of(rank, rank, 0), (4097,), dtype)
+        got_mine = poisoned((4097,), dtype)
+        comm.add_send(mine, rank)
+        comm.add_recv(got_mine, rank)
+        stats = await comm.execute()
+        for i, (buf, shape) in enumerate(zip(bufs, shapes, strict=True)):
+            same_bytes(buf, gpu_payload(seed_of(peer, rank, i), shape, dtype), f"tensor {i}")
+        same_bytes(got_mine, mine, "self-send")
+        assert stats.num_copies == 1
+        return stats.seconds
+
+
+async def stream_ordering(rank: int, world: int, backend: str) -> None:
+    """A kernel writes the send tensor on the caller's stream right before execute()."""
+    peer = 1 - rank
+    n = 8 << 20
+    async with aeplb.create_communicator(backend, timeout=120) as comm:
+        src = gpu_payload(seed_of(rank, peer, 0), (n,), torch.float32)
+        out = torch.zeros(n, device="cuda")
+        torch.cuda._sleep(200_000_000)  # keep the caller's stream busy (~0.1 s)
+        out.copy_(src)  # queued behind the sleep: the transfer must wait for it
+        buf = poisoned((n,), torch.float32)
+        comm.add_send(out, peer)
+        comm.add_recv(buf, peer)
+        await comm.execute()
+        # execute() returned: the data is visible to any stream without a synchronize
+        other = torch.cuda.Stream()
+        with torch.cuda.stream(other):
+            check = buf.clone()
+        other.synchronize()
+        same_bytes(check, gpu_payload(seed_of(peer, rank, 0), (n,), torch.float32))
+
+
+async def allocator_reuse(rank: int, world: int, backend: str) -> None:
+    """Tensors the caller drops while the transfer is queued are not handed out again."""
+    peer = 1 - rank
+    n = 16 << 20
+    async with aeplb.create_communicator(backend, timeout=120) as comm:
+        keep = poisoned((n,), torch.float32)
+        torch.cuda._sleep(200_000_000)  # the transfer waits for this on the caller's stream
+        send = gpu_payload(seed_of(rank, peer, 0), (n,), torch.float32)
+        comm.add_send(send, peer)
+        comm.add_recv(keep, peer)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(comm.execute)
+            await anyio.lowlevel.checkpoint()
+            del send  # the caller frees it while the transfer is in flight
+            # the allocator would hand the freed block to this tensor on the same stream
+            garbage = [torch.full((n,), -1.0, device="cuda") for _ in range(4)]
+        del garbage
+        same_bytes(keep, gpu_payload(seed_of(peer, rank, 0), (n,), torch.float32))
+
+
+async def loop_stall(rank: int, world: int, backend: str, nbytes: int) -> dict[str, float]:
+    peer = 1 - rank
+    n = nbytes // 2
+    async with aeplb.create_communicator(backend, timeout=300) as comm:
+        src = gpu_payload(seed_of(rank, peer, 0), (n,), torch.bfloat16)
+        buf = poisoned((n,), torch.bfloat16)
+        comm.add_send(src, peer)
+        comm.add_recv(buf, peer)
+        stalls: list[float] = []
+        done = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not done:
+                await anyio.sleep(0.001)
+                now = time.perf_counter()
+                stalls.append(now - last - 0.001)
+                last = now
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0.02)
+            stats = await comm.execute()
+            done = True
+        same_bytes(buf, gpu_payload(seed_of(peer, rank, 0), (n,), torch.bfloat16))
+        stalls.sort()
+        return {
+            "transfer_s": stats.seconds,
+            "GBps_per_direction": nbytes / stats.seconds / 1e9,
+            "max_stall_ms": stalls[-1] * 1e3,
+            "p99_stall_ms": stalls[int(0.99 * (len(stalls) - 1))] * 1e3,
+            "ticks": len(stalls),
+        }
+
+
+async def mismatch(rank: int, world: int, backend: str) -> str:
+    peer = 1 - rank
+    async with aeplb.create_communicator(backend, timeout=60) as comm:
+        if rank == 0:
+            comm.add_send(gpu_payload(1, (100,), torch.float32), peer)
+            comm.add_send(gpu_payload(2, (100,), torch.float32), peer)
+        else:
+            comm.add_recv(poisoned((100,), torch.float32), peer)
+        with pytest.raises(aeplb.PeerMismatchError) as info:
+            await comm.execute()
+        buf = poisoned((10,), torch.float32)
+        comm.add_send(gpu_payload(seed_of(rank, peer, 3), (10,), torch.float32), peer)
+        comm.add_recv(buf, peer)
+        await comm.execute()
+        same_bytes(buf, gpu_payload(seed_of(peer, rank, 3), (10,), torch.float32))
+        return str(info.value)
+
+
+async def deadline(rank: int, world: int, backend: str) -> float:
+    """Rank 1 never executes; rank 0 fails at its deadline and aborts, never hangs."""
+    comm = aeplb.create_communicator(backend, timeout=3)
+    if rank == 1:
+        await anyio.sleep(8)
+        return 0.0
+    comm.add_send(gpu_payload(1, (1 << 20,), torch.float32), 1)
+    start = time.monotonic()
+    with pytest.raises(aeplb.TransferTimeoutError):
+        await comm.execute()
+    elapsed = time.monotonic() - start
+    assert comm.statistics().broken
+    await comm.aclose()
+    return elapsed
+
+
+def blocking(rank: int, world: int, backend: str) -> None:
+    peer = 1 - rank
+    comm = aeplb.create_communicator(backend, timeout=60)
+    legacy = comm.blocking()
+    stream = torch.cuda.Stream()
+    legacy.set_stream(stream)
+    buf = poisoned((12345,), torch.bfloat16)
+    legacy.add_send(gpu_payload(seed_of(rank, peer, 0), (12345,), torch.bfloat16), peer)
+    legacy.add_recv(buf, peer)
+    legacy.execute()
+    same_bytes(buf, gpu_payload(seed_of(peer, rank, 0), (12345,), torch.bfloat16))
+    legacy.close()
+
+
+async def auto_and_bad_device(rank: int, world: int) -> str:
+    comm = aeplb.create_communicator("auto")
+    assert comm.backend == "nccl"
+    with pytest.raises(aeplb.InvalidTransferError, match="moves tensors on cuda"):
+        comm.add_send(torch.ones(3), 1 - rank)
+    if torch.cuda.device_count() > 1:
+        other = torch.ones(3, device=f"cuda:{1 - rank}")
+        with pytest.raises(aeplb.InvalidTransferError, match="cuda:"):
+            comm.add_send(other, 1 - rank)
+    await comm.aclose()
+    cpu = aeplb.create_communicator("auto", device="cpu")
+    assert cpu.backend == "gloo"
+    await cpu.aclose()
+    return comm.backend
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp8", "fp32"])
+@pytest.mark.parametrize("layout", ["one-large", "many"])
+def test_exchange(gpus2: RankPool, backend: str, dtype: str, layout: str) -> None:
+    gpus2.run(exchange, backend, dtype, layout, backend="asyncio", pg_backend=PG, timeout=180)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_ordering(gpus2: RankPool, backend: str) -> None:
+    gpus2.run(stream_ordering, backend, backend="trio", pg_backend=PG)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocator_reuse(gpus2: RankPool, backend: str) -> None:
+    gpus2.run(allocator_reuse, backend, backend="asyncio", pg_backend=PG)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_loop_stall_1gb(gpus2: RankPool, backend: str, loop: str) -> None:
+    results = gpus2.run(loop_stall, backend, 1 << 30, backend=loop, pg_backend=PG, timeout=300)
+    for rank, r in enumerate(results):
+        print(f"STALL {backend} {loop} rank {rank}: {r}")
+        assert r["max_stall_ms"] < max(r["transfer_s"] * 1e3 / 4, 5.0), r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatch(gpus2: RankPool, backend: str) -> None:
+    messages = gpus2.run(mismatch, backend, backend="asyncio", pg_backend=PG)
+    assert all("rank 0 sends 2 tensor(s)" in m for m in messages)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deadline(gpus2: RankPool, backend: str) -> None:
+    elapsed = gpus2.run(deadline, backend, backend="asyncio", pg_backend=PG, timeout=90)[0]
+    assert 2.9 < elapsed < 3 + 3, elapsed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocking_facade(gpus2: RankPool, backend: str) -> None:
+    gpus2.run(blocking, backend, pg_backend=PG)
+
+
+def test_auto_and_wrong_device(gpus2: RankPool) -> None:
+    assert gpus2.run(auto_and_bad_device, backend="asyncio", pg_backend=PG) == ["nccl"] * 2
