@@ -19,6 +19,7 @@ from ._exceptions import (
 from ._stats import CommunicatorStatistics, TransferStats
 from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
 from .policy import Placement, rebalance_experts
+from .rearrange import RearrangeStats, rearrange_experts
 
 __version__ = "0.1.0.dev0"
 
@@ -36,6 +37,9 @@ __all__ = [
     "plan_rearrangement",
     "RearrangementPlan",
     "LayerPlan",
+    # rearrangement
+    "rearrange_experts",
+    "RearrangeStats",
     # exceptions
     "AEPLBError",
     "InvalidTransferError",
