@@ -10,6 +10,8 @@ from ._exceptions import BackendUnavailableError, InvalidTransferError
 from .transports._base import Transport
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo")
+# Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
+DEFAULT_STRIPES = 4
 
 
 def _group_backends(group: dist.ProcessGroup) -> str:
@@ -47,7 +49,15 @@ def _make_transport(
         from .transports.gloo import GlooTransport
 
         gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
-        return GlooTransport(group, rank, world_size, device=device, **gloo_options)
+        stripes = options.pop("stripes", DEFAULT_STRIPES if torch.cuda.is_available() else 1)
+        if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
+            raise InvalidTransferError(f"stripes must be an int >= 1, got {stripes!r}")
+        members = [dist.get_global_rank(group, r) for r in range(world_size)]
+        extra = [
+            dist.new_group(members, backend="gloo", use_local_synchronization=True)
+            for _ in range(stripes - 1)
+        ]
+        return GlooTransport(group, rank, world_size, device=device, stripes=extra, **gloo_options)
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"backend={name!r} needs CUDA, but torch.cuda.is_available() is False here "
@@ -57,7 +67,8 @@ def _make_transport(
     from ._cuda import resolve_device
 
     cuda_device = resolve_device(device)
-    nccl_options = {k: options.pop(k) for k in ("max_ops_per_group",) if k in options}
+    names = ("max_ops_per_group", "coalesce", "chunk_bytes", "staging_bytes")
+    nccl_options = {k: options.pop(k) for k in names if k in options}
     if name == "nccl":
         if "nccl" not in backends:
             raise BackendUnavailableError(
@@ -101,12 +112,20 @@ def create_communicator(
             op lists which do not pair up raise PeerMismatchError on every rank instead of
             hanging. With it on, every rank of the group must call ``execute()`` for every
             batch, even with nothing queued.
-            ``max_ops_per_group`` (nccl, pynccl; default 64, None for no cap): ops in one
-            NCCL group; larger batches are split so that no rank can deadlock.
+            ``coalesce`` (nccl, pynccl; default True): send all tensors for one peer as
+            one byte stream in ``chunk_bytes`` pieces (default 64 MiB), packing pieces
+            that span several tensors into a device staging pool of at most
+            ``staging_bytes`` (default 512 MiB), pipelined with the transfer.
+            ``max_ops_per_group`` (nccl, pynccl with coalesce=False; default 64, None for
+            no cap): ops in one NCCL group; larger batches are split so that no rank can
+            deadlock.
             ``nccl_library`` (pynccl): path of libnccl.so; default: the one torch loaded,
             the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
+            ``stripes`` (gloo; default 4 where CUDA is available, else 1): Gloo groups,
+            each with its own connections, that pieces are spread over. Peers must agree on
+            ``chunk_bytes`` and ``stripes``.
 
     Returns:
         A new :class:`Communicator`.

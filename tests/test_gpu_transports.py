@@ -27,8 +27,8 @@ FP8 = getattr(torch, "float8_e4m3fn", torch.uint8)
 
 def gpu_payload(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if dtype == FP8 and dtype != torch.uint8:
-        return payload(seed, shape, torch.float32).to(dtype).cuda()
-    return payload(seed, shape, dtype).cuda()
+        return payload(seed, shape, torch.float32, "cuda").to(dtype)
+    return payload(seed, shape, dtype, "cuda")
 
 
 def same_bytes(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
@@ -52,13 +52,20 @@ def gpus2(world2: RankPool) -> RankPool:
 # -- rank functions -------------------------------------------------------------------
 
 
-async def exchange(rank: int, world: int, backend: str, dtype_name: str, layout: str) -> float:
+async def exchange(
+    rank: int,
+    world: int,
+    backend: str,
+    dtype_name: str,
+    layout: str,
+    options: dict[str, object] | None = None,
+) -> float:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": FP8, "u8": torch.uint8}[
         dtype_name
     ]
     peer = 1 - rank
     shapes = [(32 << 20,)] if layout == "one-large" else [(1000 + 37 * i,) for i in range(150)]
-    async with aeplb.create_communicator(backend, timeout=120) as comm:
+    async with aeplb.create_communicator(backend, timeout=120, **(options or {})) as comm:
         assert comm.backend == backend
         bufs = []
         for i, shape in enumerate(shapes):
@@ -227,6 +234,14 @@ async def auto_and_bad_device(rank: int, world: int) -> str:
 @pytest.mark.parametrize("layout", ["one-large", "many"])
 def test_exchange(gpus2: RankPool, backend: str, dtype: str, layout: str) -> None:
     gpus2.run(exchange, backend, dtype, layout, backend="asyncio", pg_backend=PG, timeout=180)
+
+
+@pytest.mark.parametrize("backend", ["nccl", "pynccl"])
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_small_chunks_reuse_staging_slots(gpus2: RankPool, backend: str, coalesce: bool) -> None:
+    # 1 MiB chunks and a 2-chunk pool: every slot is reused many times within one batch
+    options = {"coalesce": coalesce, "chunk_bytes": 1 << 20, "staging_bytes": 2 << 20}
+    gpus2.run(exchange, backend, "bf16", "many", options, backend="asyncio", pg_backend=PG)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

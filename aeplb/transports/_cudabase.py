@@ -6,8 +6,12 @@ import threading
 import torch
 
 from .. import _cuda
-from .._ops import PreparedBatch
+from .._ops import PreparedBatch, group_chunks
 from ._base import Transport
+from ._packing import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_BYTES, Packer, WireOp
+
+# Large p2p groups are known to hang on the GPU; SGLang settled on 32 ops per group.
+DEFAULT_MAX_OPS_PER_GROUP = 64
 
 
 class CudaTransport(Transport):
@@ -20,9 +24,21 @@ class CudaTransport(Transport):
     caching allocator cannot hand their memory out while the transfer runs.
     """
 
-    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        *,
+        coalesce: bool = True,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        max_ops_per_group: int | None = DEFAULT_MAX_OPS_PER_GROUP,
+    ) -> None:
         super().__init__(rank, world_size)
         self.device = device
+        self._packer = Packer(device, chunk_bytes, staging_bytes) if coalesce else None
+        self._max_ops = max_ops_per_group
         self._user_stream: torch.cuda.Stream | None = None
         self._own_stream: torch.cuda.Stream | None = None
         self._thread_ready = threading.local()
@@ -66,9 +82,22 @@ class CudaTransport(Transport):
             self.abort()
             raise
 
-    @abc.abstractmethod
+    @property
+    def staging_bytes(self) -> int:
+        """Device memory held for packing (0 until a batch needed it)."""
+        return 0 if self._packer is None else self._packer.staging_bytes
+
     def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
         """Enqueues the network ops on ``stream`` (the current stream)."""
+        if self._packer is not None:
+            self._packer.run(batch.ops, stream, self.post_group)
+            return
+        for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
+            self.post_group([(op.kind, op.tensor, op.peer) for op in chunk])
+
+    @abc.abstractmethod
+    def post_group(self, ops: list[WireOp]) -> None:
+        """Enqueues ops as one NCCL group on the current stream (never blocks the host)."""
 
     def abort(self) -> None:
         """Tears the backend down after a missed deadline so its kernels stop."""

@@ -24,6 +24,7 @@ from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import Op, OpKind, PreparedBatch
 from ._base import Transport
+from ._packing import byte_slice, merge_adjacent
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
@@ -52,9 +53,44 @@ def wait_work(work: dist.Work, deadline: float | None) -> None:
         raise TimeoutError("the deadline passed before the transfer finished")
 
 
-def _pieces(tensor: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    flat = tensor.view(-1).view(torch.uint8)
-    return [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
+def _stream_pieces(ops: list[Op], chunk: int) -> dict[tuple[OpKind, int], list[list[torch.Tensor]]]:
+    """Cuts each (direction, peer) byte stream into pieces of ``chunk`` bytes.
+
+    The cut depends only on the stream's length, so both peers agree on it whatever the
+    tensors' sizes or devices; a piece is the list of views it covers.
+    """
+    views: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
+    for op in ops:
+        views[(op.kind, op.peer)].append(op.tensor.reshape(-1).view(torch.uint8))
+    out = {}
+    for key, vs in views.items():
+        segments = merge_adjacent(vs)
+        total = sum(v.numel() for v in segments)
+        out[key] = [byte_slice(segments, i, min(i + chunk, total)) for i in range(0, total, chunk)]
+    return out
+
+
+def _direct(piece: list[torch.Tensor]) -> bool:
+    return len(piece) == 1 and not piece[0].is_cuda
+
+
+def _size(piece: list[torch.Tensor]) -> int:
+    return sum(v.numel() for v in piece)
+
+
+def _gather(piece: list[torch.Tensor], buf: torch.Tensor) -> None:
+    """Copies the piece's views into ``buf`` (device-to-host copies are asynchronous)."""
+    pos = 0
+    for v in piece:
+        buf[pos : pos + v.numel()].copy_(v, non_blocking=v.is_cuda)
+        pos += v.numel()
+
+
+def _scatter(buf: torch.Tensor, piece: list[torch.Tensor]) -> None:
+    pos = 0
+    for v in piece:
+        v.copy_(buf[pos : pos + v.numel()], non_blocking=v.is_cuda)
+        pos += v.numel()
 
 
 class GlooTransport(Transport):
@@ -69,12 +105,14 @@ class GlooTransport(Transport):
         device: torch.device | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
+        stripes: list[dist.ProcessGroup] | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         for name, value in (("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
-        lanes = 2 * max(world_size - 1, 1)
+        self._groups = [group, *(stripes or [])]
+        lanes = 2 * max(world_size - 1, 1) * len(self._groups)
         self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
         if self._slots_per_lane < 1:
             raise InvalidTransferError(
@@ -163,22 +201,32 @@ class GlooTransport(Transport):
             _cuda.wait_event(copies_done, deadline)
 
     def _run_direct(self, ops: list[Op], deadline: float | None) -> None:
-        seq: collections.defaultdict[tuple[OpKind, int], int] = collections.defaultdict(int)
         works: list[dist.Work] = []
-        for op in ops:
-            for piece in _pieces(op.tensor, self._chunk):
-                tag = seq[(op.kind, op.peer)]
-                seq[(op.kind, op.peer)] += 1
-                works.append(self._post(op.kind, piece, op.peer, tag))
+        scatters: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+        for (kind, peer), pieces in _stream_pieces(ops, self._chunk).items():
+            for tag, piece in enumerate(pieces):
+                if len(piece) == 1:
+                    buf = piece[0]
+                elif kind is OpKind.SEND:
+                    buf = torch.cat(piece)  # small tensors travel together
+                else:
+                    buf = torch.empty(_size(piece), dtype=torch.uint8)
+                    scatters.append((buf, piece))
+                works.append(self._post(kind, buf, peer, tag))
         for work in works:
             wait_work(work, deadline)
+        for buf, piece in scatters:
+            _scatter(buf, piece)
 
     def _post(self, kind: OpKind, buf: torch.Tensor, peer: int, tag: int) -> dist.Work:
+        # Piece i of a (peer, direction) stream travels on stripe i % K: each stripe is its
+        # own Gloo group with its own connections, so K pieces are on the wire at once.
         g = self._global[peer]
+        group = self._groups[tag % len(self._groups)]
         if kind is OpKind.SEND:
-            work = dist.isend(buf, dst=g, group=self._group, tag=tag)
+            work = dist.isend(buf, dst=g, group=group, tag=tag)
         else:
-            work = dist.irecv(buf, src=g, group=self._group, tag=tag)
+            work = dist.irecv(buf, src=g, group=group, tag=tag)
         assert work is not None
         return work
 
@@ -194,7 +242,7 @@ class GlooTransport(Transport):
         assert self._device is not None
         device = self._device
         torch.cuda.set_device(device)
-        lanes = 2 * max(self.world_size - 1, 1)
+        lanes = 2 * max(self.world_size - 1, 1) * len(self._groups)
         # Pinned once, reused by every batch: pageable per-call buffers are what make
         # the reference staged path slow.
         self._pool = torch.empty(
@@ -219,15 +267,20 @@ class GlooTransport(Transport):
 
     def _run_lanes(self, ops: list[Op], deadline: float | None) -> None:
         assert self._lanes is not None
-        lanes: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
-        for op in ops:
-            lanes[(op.kind, op.peer)].extend(_pieces(op.tensor, self._chunk))
+        streams = _stream_pieces(ops, self._chunk)
+        k = len(self._groups)
+        lanes: dict[tuple[OpKind, int, int], list[tuple[int, list[torch.Tensor]]]] = {}
+        for (kind, peer), pieces in streams.items():
+            for stripe in range(k):
+                items = [(tag, p) for tag, p in enumerate(pieces) if tag % k == stripe]
+                if items:
+                    lanes[(kind, peer, stripe)] = items
         futures: list[Future[None]] = []
-        for (kind, peer), pieces in lanes.items():
+        for (kind, peer, stripe), items in lanes.items():
             other = peer if peer < self.rank else peer - 1
-            lane = 2 * other + (0 if kind is OpKind.SEND else 1)
+            lane = (2 * other + (0 if kind is OpKind.SEND else 1)) * k + stripe
             work: Callable[..., None] = self._send_lane if kind is OpKind.SEND else self._recv_lane
-            futures.append(self._lanes.submit(work, peer, pieces, self._lane_slots(lane), deadline))
+            futures.append(self._lanes.submit(work, peer, items, self._lane_slots(lane), deadline))
         errors: list[BaseException] = []
         for future in futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0
@@ -243,16 +296,16 @@ class GlooTransport(Transport):
     def _send_lane(
         self,
         peer: int,
-        pieces: list[torch.Tensor],
+        items: list[tuple[int, list[torch.Tensor]]],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         d2h, _ = self._streams()
         free = list(range(len(slots)))
         inflight: collections.deque[tuple[dist.Work, int | None]] = collections.deque()
-        for tag, piece in enumerate(pieces):
-            if not piece.is_cuda:
-                inflight.append((self._post(OpKind.SEND, piece, peer, tag), None))
+        for tag, piece in items:
+            if _direct(piece):
+                inflight.append((self._post(OpKind.SEND, piece[0], peer, tag), None))
                 continue
             while not free:
                 work, slot = inflight.popleft()
@@ -260,9 +313,9 @@ class GlooTransport(Transport):
                 if slot is not None:
                     free.append(slot)
             slot = free.pop()
-            buf = slots[slot][: piece.numel()]
+            buf = slots[slot][: _size(piece)]
             with torch.cuda.stream(d2h):
-                buf.copy_(piece, non_blocking=True)
+                _gather(piece, buf)
                 copied = _cuda.new_event()
                 copied.record(d2h)
             _cuda.wait_event(copied, deadline)
@@ -273,29 +326,26 @@ class GlooTransport(Transport):
     def _recv_lane(
         self,
         peer: int,
-        pieces: list[torch.Tensor],
+        items: list[tuple[int, list[torch.Tensor]]],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         _, h2d = self._streams()
         free = list(range(len(slots)))
-        posted: collections.deque[tuple[dist.Work, int | None, torch.Tensor]] = collections.deque()
-        upcoming = collections.deque(enumerate(pieces))
+        posted: collections.deque[tuple[dist.Work, int | None, list[torch.Tensor]]] = (
+            collections.deque()
+        )
+        upcoming = collections.deque(items)
 
         def post_more() -> None:
-            while upcoming and (not upcoming[0][1].is_cuda or free):
+            while upcoming and (_direct(upcoming[0][1]) or free):
                 tag, piece = upcoming.popleft()
-                if piece.is_cuda:
-                    slot = free.pop()
-                    posted.append(
-                        (
-                            self._post(OpKind.RECV, slots[slot][: piece.numel()], peer, tag),
-                            slot,
-                            piece,
-                        )
-                    )
-                else:
-                    posted.append((self._post(OpKind.RECV, piece, peer, tag), None, piece))
+                if _direct(piece):
+                    posted.append((self._post(OpKind.RECV, piece[0], peer, tag), None, piece))
+                    continue
+                slot = free.pop()
+                buf = slots[slot][: _size(piece)]
+                posted.append((self._post(OpKind.RECV, buf, peer, tag), slot, piece))
 
         post_more()
         while posted:
@@ -303,7 +353,7 @@ class GlooTransport(Transport):
             wait_work(work, deadline)
             if slot is not None:
                 with torch.cuda.stream(h2d):
-                    piece.copy_(slots[slot][: piece.numel()], non_blocking=True)
+                    _scatter(slots[slot][: _size(piece)], piece)
                     landed = _cuda.new_event()
                     landed.record(h2d)
                 _cuda.wait_event(landed, deadline)

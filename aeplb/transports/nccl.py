@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from .. import _cuda
-from .._ops import OpKind, PreparedBatch, group_chunks
+from .._ops import OpKind
 from ._cudabase import CudaTransport
-
-# Large p2p groups are known to hang on the GPU; SGLang settled on 32 ops per group.
-DEFAULT_MAX_OPS_PER_GROUP = 64
+from ._packing import WireOp
 
 
 class NCCLTransport(CudaTransport):
@@ -22,13 +22,11 @@ class NCCLTransport(CudaTransport):
         rank: int,
         world_size: int,
         device: torch.device,
-        *,
-        max_ops_per_group: int | None = DEFAULT_MAX_OPS_PER_GROUP,
+        **options: Any,
     ) -> None:
-        super().__init__(rank, world_size, device)
+        super().__init__(rank, world_size, device, **options)
         self._group = group
         self._global = [dist.get_global_rank(group, r) for r in range(world_size)]
-        self._max_ops = max_ops_per_group
 
     def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
         self.enter_thread()
@@ -45,19 +43,18 @@ class NCCLTransport(CudaTransport):
         _cuda.wait_event(done, deadline)
         return host
 
-    def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
-        for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
-            p2p = [
-                dist.P2POp(
-                    dist.isend if op.kind is OpKind.SEND else dist.irecv,
-                    op.tensor,
-                    self._global[op.peer],
-                    self._group,
-                )
-                for op in chunk
-            ]
-            for work in dist.batch_isend_irecv(p2p):
-                work.wait()  # makes the current stream wait; the host does not block
+    def post_group(self, ops: list[WireOp]) -> None:
+        p2p = [
+            dist.P2POp(
+                dist.isend if kind is OpKind.SEND else dist.irecv,
+                tensor,
+                self._global[peer],
+                self._group,
+            )
+            for kind, tensor, peer in ops
+        ]
+        for work in dist.batch_isend_irecv(p2p):
+            work.wait()  # makes the current stream wait; the host does not block
 
     def abort(self) -> None:
         try:

@@ -6,15 +6,17 @@ process group), so its kernels never share a communicator with the model's colle
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
 from .. import _cuda
 from .._exceptions import BackendUnavailableError
-from .._ops import OpKind, PreparedBatch, group_chunks
+from .._ops import OpKind
 from . import _libnccl
 from ._cudabase import CudaTransport
-from .nccl import DEFAULT_MAX_OPS_PER_GROUP
+from ._packing import WireOp
 
 
 class PyNCCLTransport(CudaTransport):
@@ -28,10 +30,9 @@ class PyNCCLTransport(CudaTransport):
         device: torch.device,
         *,
         library: str | None = None,
-        max_ops_per_group: int | None = DEFAULT_MAX_OPS_PER_GROUP,
+        **options: Any,
     ) -> None:
-        super().__init__(rank, world_size, device)
-        self._max_ops = max_ops_per_group
+        super().__init__(rank, world_size, device, **options)
         self._lib = _libnccl.NCCLLibrary(library)
         uid = [self._lib.get_unique_id().to_bytes() if rank == 0 else None]
         nccl_only = "gloo" not in str(dist.get_backend(group)).lower()
@@ -79,21 +80,19 @@ class PyNCCLTransport(CudaTransport):
             raise
         return host
 
-    def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
-        handle = stream.cuda_stream
+    def post_group(self, ops: list[WireOp]) -> None:
+        handle = torch.cuda.current_stream(self.device).cuda_stream
         u8 = _libnccl.DataType.UINT8
-        for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
-            self._lib.group_start()
-            try:
-                for op in chunk:
-                    t = op.tensor
-                    count = t.numel() * t.element_size()
-                    if op.kind is OpKind.SEND:
-                        self._comm.send(t.data_ptr(), count, u8, op.peer, handle)
-                    else:
-                        self._comm.recv(t.data_ptr(), count, u8, op.peer, handle)
-            finally:
-                self._lib.group_end()
+        self._lib.group_start()
+        try:
+            for kind, t, peer in ops:
+                count = t.numel() * t.element_size()
+                if kind is OpKind.SEND:
+                    self._comm.send(t.data_ptr(), count, u8, peer, handle)
+                else:
+                    self._comm.recv(t.data_ptr(), count, u8, peer, handle)
+        finally:
+            self._lib.group_end()
 
     def abort(self) -> None:
         try:

@@ -1,0 +1,185 @@
+"""``python -m aeplb.bench``: see ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import queue
+import socket
+import statistics
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+from ._driver import CPU_BACKENDS, GPU_BACKENDS, entry
+from ._rank import Row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m aeplb.bench",
+        description="Bandwidth, event-loop stall and host CPU time per backend, against raw "
+        "single-buffer p2p and a synchronous per-tensor baseline, in one run.",
+    )
+    p.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo (no GPU needed)")
+    p.add_argument("--ranks", type=int, default=0, help="ranks (default: GPUs, or 2 with --cpu)")
+    p.add_argument("--workloads", default="eplb,many-small,sweep")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma list; a variant adds options: 'nccl:chunk_bytes=16777216:coalesce=0' "
+        f"(default {GPU_BACKENDS}; with --cpu {CPU_BACKENDS})",
+    )
+    p.add_argument("--experts", type=int, default=16, help="eplb: experts sent to each peer")
+    p.add_argument("--sweep-mb", default=None, help="sweep sizes in MB (default 4..2048)")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, help="draw bandwidth vs message size to this PNG")
+    return p.parse_args(argv)
+
+
+def _merge(per_rank: list[list[Row]]) -> list[Row]:
+    merged = []
+    for rows in zip(*per_rank, strict=True):
+        row = dict(rows[0])
+        errors = [r["error"] for r in rows if "error" in r]
+        if errors or (any("times" not in r for r in rows) and "times" in row):
+            row["error"] = errors[0] if errors else "failed on another rank"
+            row.pop("times", None)
+            merged.append(row)
+            continue
+        row["max_stall_ms"] = max(r["max_stall_ms"] for r in rows)
+        row["p99_stall_ms"] = max(r["p99_stall_ms"] for r in rows)
+        if "times" in row:
+            # the exchange is over when the slowest rank is done
+            slowest = [max(ts) for ts in zip(*(r["times"] for r in rows), strict=True)]
+            row["times"] = slowest
+            row["seconds"] = statistics.median(slowest)
+            row["GBps"] = row["bytes_per_peer"] / row["seconds"] / 1e9
+            row["cpu_ms"] = max(r["cpu_ms"] for r in rows)
+            row["staging_bytes"] = max(r["staging_bytes"] for r in rows)
+        merged.append(row)
+    for row in merged:
+        if "GBps" not in row:
+            continue
+        same = [r for r in merged if r.get("workload") == row["workload"] and "GBps" in r]
+        raw = next((r for r in same if r["variant"].startswith("raw")), None)
+        if raw:
+            row["ratio_to_raw"] = row["GBps"] / raw["GBps"]
+        ref = next((r for r in same if r["variant"] in ("ref-nccl", "ref-gloo")), None)
+        if row["variant"].startswith("gloo") and row.get("device") != "cpu":
+            ref = next((r for r in same if r["variant"] == "ref-gloo-staged"), ref)
+        if ref and not row["variant"].startswith(("raw", "ref")):
+            row["speedup_vs_sync"] = row["GBps"] / ref["GBps"]
+    return merged
+
+
+def _table(rows: list[Row]) -> str:
+    head = f"{'workload':<14}{'variant':<34}{'MB/peer':>9}{'ms':>9}{'GB/s':>9}{'x raw':>7}"
+    head += f"{'x sync':>8}{'stall ms':>10}{'cpu ms':>8}{'staging MB':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['workload']:<14}{r['variant']:<34} FAILED: {r['error'][:60]}")
+            continue
+        if "GBps" not in r:
+            lines.append(f"{r['workload']:<14}{r['variant']:<34}{'':>42}{r['max_stall_ms']:>10.2f}")
+            continue
+        lines.append(
+            f"{r['workload']:<14}{r['variant'][:33]:<34}{r['bytes_per_peer'] / 2**20:>9.1f}"
+            f"{r['seconds'] * 1e3:>9.2f}{r['GBps']:>9.2f}"
+            f"{r.get('ratio_to_raw', float('nan')):>7.2f}"
+            f"{r.get('speedup_vs_sync', float('nan')):>8.2f}"
+            f"{r['max_stall_ms']:>10.2f}{r['cpu_ms']:>8.1f}{r['staging_bytes'] / 2**20:>11.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            f"--plot needs matplotlib (pip install matplotlib); {path} not drawn", file=sys.stderr
+        )
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sweep = [r for r in rows if r.get("workload", "").startswith("sweep") and "GBps" in r]
+    for variant in sorted({r["variant"] for r in sweep}):
+        pts = sorted((r["bytes_per_peer"], r["GBps"]) for r in sweep if r["variant"] == variant)
+        ax.plot([b / 2**20 for b, _ in pts], [g for _, g in pts], marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size per peer and direction (MB)")
+    ax.set_ylabel("GB/s per direction")
+    ax.set_title("aeplb bandwidth vs message size")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _nccl_version() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print("no CUDA GPU here: run with --cpu for CPU ranks over Gloo", file=sys.stderr)
+        return 2
+    world = args.ranks or (2 if args.cpu else torch.cuda.device_count())
+    if world < 2:
+        print("needs at least 2 ranks (2 GPUs, or --cpu)", file=sys.stderr)
+        return 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    per_rank = None
+    while per_rank is None:
+        try:
+            per_rank = out.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                print("a rank failed; see its traceback above", file=sys.stderr)
+                return 1
+    for p in procs:
+        p.join()
+    rows = _merge(per_rank)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
+        "ranks": world,
+        "torch": torch.__version__,
+        "nccl": _nccl_version(),
+        "argv": sys.argv,
+        "reps": args.reps,
+    }
+    print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

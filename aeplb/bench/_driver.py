@@ -1,0 +1,118 @@
+"""The rank side of the benchmark: spawned per rank, so it must live in an importable module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import torch
+import torch.distributed as dist
+
+import aeplb
+
+from . import _workloads as wl
+from ._rank import Bench, Row
+
+GPU_BACKENDS = "nccl,pynccl,gloo"
+CPU_BACKENDS = "gloo"
+
+
+def variants(text: str) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for spec in text.split(","):
+        name, *opts = spec.strip().split(":")
+        options: dict[str, Any] = {}
+        for o in opts:
+            key, value = o.split("=", 1)
+            options[key] = int(value) if value.lstrip("-").isdigit() else value
+            if key == "coalesce":
+                options[key] = bool(int(value))
+        out.append((spec.strip(), name, options))
+    return out
+
+
+def workload_list(args: argparse.Namespace, peers: int) -> list[wl.Workload]:
+    out: list[wl.Workload] = []
+    for name in args.workloads.split(","):
+        if name == "eplb":
+            out.append(wl.eplb(args.experts * peers, peers))
+        elif name == "many-small":
+            out.append(wl.many_small())
+        elif name == "sweep":
+            default = "1,4,16,64" if args.cpu else "4,16,64,256,512,2048"
+            out.extend(wl.sweep([int(x) for x in (args.sweep_mb or default).split(",")]))
+        else:
+            raise SystemExit(f"unknown workload {name!r}")
+    return out
+
+
+async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    bench = Bench(rank, world, device, args.reps, args.warmup)
+    backends = variants(args.backends or (CPU_BACKENDS if args.cpu else GPU_BACKENDS))
+    rows: list[Row] = []
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bench.ticker.run, stop)
+        bench.ticker.begin()
+        await anyio.sleep(0.5)
+        idle = bench.ticker.end()
+        rows.append(
+            {
+                "workload": "idle",
+                "variant": "ticker",
+                "max_stall_ms": idle[0],
+                "p99_stall_ms": idle[1],
+            }
+        )
+        for w in workload_list(args, world - 1):
+            sweep = w.name.startswith("sweep")
+            bench.progress(f"{w.name}: raw")
+            rows.append(await bench.raw(w))
+            if not args.no_baselines and not sweep:
+                bench.progress(f"{w.name}: synchronous per-tensor baseline")
+                many = len(w.shapes) > 100
+                rows.append(await bench.reference(w, staged=False, max_ops=32 if many else None))
+                if bench.cuda and any(b == "gloo" for _, b, _ in backends):
+                    rows.append(await bench.reference(w, staged=True, max_ops=None))
+            for label, backend, options in backends:
+                if backend == "gloo" and bench.cuda and sweep and w.bytes_per_peer > 512 << 20:
+                    continue  # seconds per repetition; the staged curve is flat by then
+                bench.progress(f"{w.name}: {label}")
+                try:
+                    rows.append(await bench.ours(w, label, backend, options))
+                except aeplb.AEPLBError as exc:  # report it and go on with the other variants
+                    rows.append(
+                        {
+                            "workload": w.name,
+                            "variant": label,
+                            "error": repr(exc),
+                            "max_stall_ms": 0.0,
+                            "p99_stall_ms": 0.0,
+                        }
+                    )
+        stop.set()
+    return rows
+
+
+def entry(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not args.cpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "gloo" if args.cpu else "cpu:gloo,cuda:nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(minutes=5),
+    )
+    rows = anyio.run(_rank_main, rank, world, args)
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    group = dist.new_group(backend="gloo")
+    dist.gather_object(rows, gathered if rank == 0 else None, dst=0, group=group)
+    if rank == 0:
+        out.put(gathered)
+    dist.destroy_process_group()

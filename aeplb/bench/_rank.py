@@ -1,0 +1,210 @@
+"""What each rank measures. Rank 0 later takes, per repetition, the slowest rank's time."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import torch
+import torch.distributed as dist
+
+import aeplb
+
+from ._workloads import Workload, fill
+
+Row = dict[str, Any]
+
+
+class Ticker:
+    """A 1 ms ticker on the event loop; records how late each tick woke up."""
+
+    def __init__(self) -> None:
+        self.stalls: list[float] = []
+        self.active = False
+
+    async def run(self, stop: anyio.Event) -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await anyio.sleep(0.001)
+            now = time.perf_counter()
+            if self.active:
+                self.stalls.append(now - last - 0.001)
+            last = now
+
+    def begin(self) -> None:
+        self.stalls = []
+        self.active = True
+
+    def end(self) -> tuple[float, float]:
+        self.active = False
+        s = sorted(self.stalls) or [0.0]
+        return s[-1] * 1e3, s[int(0.99 * (len(s) - 1))] * 1e3
+
+
+def _seed(src: int, dst: int, index: int) -> int:
+    return (src * 7919 + dst * 104729 + index) % (1 << 31)
+
+
+class Bench:
+    def __init__(self, rank: int, world: int, device: torch.device, reps: int, warmup: int):
+        self.rank, self.world, self.device = rank, world, device
+        self.reps, self.warmup = reps, warmup
+        self.cuda = device.type == "cuda"
+        self.peers = [p for p in range(world) if p != rank]
+        self.cpu_group = dist.new_group(backend="gloo")
+        self.ticker = Ticker()
+
+    def progress(self, text: str) -> None:
+        if self.rank == 0:
+            print(f"  .. {text}", file=sys.stderr, flush=True)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.cpu_group)
+
+    def tensors(
+        self, w: Workload
+    ) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
+        sends = {
+            p: [
+                fill(s, w.dtype, self.device, _seed(self.rank, p, i))
+                for i, s in enumerate(w.shapes)
+            ]
+            for p in self.peers
+        }
+        recvs = {
+            p: [torch.zeros(s, dtype=w.dtype, device=self.device) for s in w.shapes]
+            for p in self.peers
+        }
+        return sends, recvs
+
+    def verify(self, w: Workload, recvs: dict[int, list[torch.Tensor]]) -> None:
+        for p, bufs in recvs.items():
+            for i, (s, buf) in enumerate(zip(w.shapes, bufs, strict=True)):
+                want = fill(s, w.dtype, buf.device, _seed(p, self.rank, i))
+                if not torch.equal(buf.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8)):
+                    raise AssertionError(f"{w.name}: data from rank {p}, tensor {i} is wrong")
+                buf.zero_()
+
+    async def inline(self, name: str, w: Workload, fn: Callable[[], None]) -> Row:
+        """Times a synchronous transfer run on the event loop thread, as reference code does."""
+        times, cpu = [], []
+        for i in range(self.warmup + self.reps):
+            self.sync()
+            self.ticker.begin()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            await anyio.sleep(0.003)  # let the ticker see how long it was blocked
+            stall = self.ticker.end()
+            if i >= self.warmup:
+                times.append(dt)
+                cpu.append(dc)
+        return _row(name, w, times, cpu, stall, 0)
+
+    async def raw(self, w: Workload) -> Row:
+        """The ceiling: one buffer of the same bytes per peer and direction."""
+        n = w.bytes_per_peer
+        send = {p: fill((n,), torch.uint8, self.device, p + 1) for p in self.peers}
+        recv = {p: torch.empty(n, dtype=torch.uint8, device=self.device) for p in self.peers}
+
+        def once() -> None:
+            ops = []
+            for p in self.peers:
+                ops.append(dist.P2POp(dist.isend, send[p], p))
+                ops.append(dist.P2POp(dist.irecv, recv[p], p))
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+        return await self.inline("raw-nccl" if self.cuda else "raw-gloo", w, once)
+
+    async def reference(self, w: Workload, staged: bool, max_ops: int | None) -> Row:
+        """The reference synchronous communicators: one op per tensor; CUDA tensors through
+        Gloo via fresh pageable host copies and full synchronizes."""
+        sends, recvs = self.tensors(w)
+
+        def once() -> None:
+            ops = []
+            back: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if staged:
+                torch.cuda.synchronize(self.device)
+            for p in self.peers:
+                # send i and receive i side by side, so a capped group never holds only sends
+                for t, r in zip(sends[p], recvs[p], strict=True):
+                    ops.append(dist.P2POp(dist.isend, t.cpu() if staged else t, p))
+                    buf = torch.empty(r.shape, dtype=r.dtype) if staged else r
+                    back.append((buf, r))
+                    ops.append(dist.P2POp(dist.irecv, buf, p))
+            step = max_ops or len(ops)
+            for i in range(0, len(ops), step):
+                for work in dist.batch_isend_irecv(ops[i : i + step]):
+                    work.wait()
+            if staged:
+                for buf, t in back:
+                    t.copy_(buf)
+                torch.cuda.synchronize(self.device)
+
+        name = "ref-gloo-staged" if staged else ("ref-nccl" if self.cuda else "ref-gloo")
+        row = await self.inline(name, w, once)
+        self.verify(w, recvs)
+        return row
+
+    async def ours(self, w: Workload, name: str, backend: str, options: dict[str, Any]) -> Row:
+        comm = aeplb.create_communicator(backend, device=self.device, **options)
+        sends, recvs = self.tensors(w)
+        times, cpu = [], []
+        stall = (0.0, 0.0)
+        stalls_max, stalls_p99 = [], []
+        for i in range(self.warmup + self.reps):
+            await anyio.to_thread.run_sync(self.sync)
+            self.ticker.begin()
+            c0, t0 = time.process_time(), time.perf_counter()
+            for p in self.peers:
+                for t in sends[p]:
+                    comm.add_send(t, p)
+                for t in recvs[p]:
+                    comm.add_recv(t, p)
+            await comm.execute()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            stall = self.ticker.end()
+            if i == 0:
+                self.verify(w, recvs)
+            if i >= self.warmup:
+                times.append(dt)
+                cpu.append(dc)
+                stalls_max.append(stall[0])
+                stalls_p99.append(stall[1])
+        self.verify(w, recvs)
+        staging = int(getattr(comm._transport, "staging_bytes", 0))
+        await comm.aclose()
+        row = _row(name, w, times, cpu, (max(stalls_max), max(stalls_p99)), staging)
+        row["options"] = {k: v for k, v in options.items() if k != "timeout"}
+        return row
+
+
+def _row(
+    name: str,
+    w: Workload,
+    times: list[float],
+    cpu: list[float],
+    stall: tuple[float, float],
+    staging: int,
+) -> Row:
+    return {
+        "workload": w.name,
+        "variant": name,
+        "bytes_per_peer": w.bytes_per_peer,
+        "tensors_per_peer": len(w.shapes),
+        "times": times,
+        "cpu_ms": statistics.median(cpu) * 1e3,
+        "max_stall_ms": stall[0],
+        "p99_stall_ms": stall[1],
+        "staging_bytes": staging,
+    }
