@@ -11,7 +11,7 @@ from .transports._base import Transport
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo")
 # Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
-DEFAULT_STRIPES = 4
+DEFAULT_STRIPES = 8
 
 
 def _group_backends(group: dist.ProcessGroup) -> str:
@@ -123,7 +123,7 @@ def create_communicator(
             the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
-            ``stripes`` (gloo; default 4 where CUDA is available, else 1): Gloo groups,
+            ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
             each with its own connections, that pieces are spread over. Peers must agree on
             ``chunk_bytes`` and ``stripes``.
 

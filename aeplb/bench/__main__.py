@@ -80,7 +80,7 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
 
 def _table(rows: list[Row]) -> str:
     head = f"{'workload':<14}{'variant':<34}{'MB/peer':>9}{'ms':>9}{'GB/s':>9}{'x raw':>7}"
-    head += f"{'x sync':>8}{'stall ms':>10}{'cpu ms':>8}{'staging MB':>11}"
+    head += f"{'x sync':>8}{'stall ms':>10}{'queue ms':>9}{'cpu ms':>8}{'staging MB':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -94,7 +94,8 @@ def _table(rows: list[Row]) -> str:
             f"{r['seconds'] * 1e3:>9.2f}{r['GBps']:>9.2f}"
             f"{r.get('ratio_to_raw', float('nan')):>7.2f}"
             f"{r.get('speedup_vs_sync', float('nan')):>8.2f}"
-            f"{r['max_stall_ms']:>10.2f}{r['cpu_ms']:>8.1f}{r['staging_bytes'] / 2**20:>11.0f}"
+            f"{r['max_stall_ms']:>10.2f}{r.get('queue_ms', float('nan')):>9.2f}"
+            f"{r['cpu_ms']:>8.1f}{r['staging_bytes'] / 2**20:>11.0f}"
         )
     return "\n".join(lines)
 

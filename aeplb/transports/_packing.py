@@ -74,6 +74,32 @@ def byte_slice(segments: list[torch.Tensor], start: int, stop: int) -> list[torc
     return out
 
 
+# Up to this many views, pack and unpack with one device-to-device memcpy each: copy
+# engines, no SMs taken from the NCCL kernel running beside them. Past it, the launch
+# count matters more, and one batched kernel does the whole piece.
+_MEMCPY_VIEWS = 64
+
+
+def _gather(views: list[torch.Tensor], buf: torch.Tensor) -> None:
+    if len(views) > _MEMCPY_VIEWS:
+        torch.cat(views, out=buf)
+        return
+    pos = 0
+    for v in views:
+        buf[pos : pos + v.numel()].copy_(v, non_blocking=True)
+        pos += v.numel()
+
+
+def _scatter(buf: torch.Tensor, views: list[torch.Tensor]) -> None:
+    if len(views) > _MEMCPY_VIEWS:
+        torch._foreach_copy_(views, list(torch.split(buf, [v.numel() for v in views])))
+        return
+    pos = 0
+    for v in views:
+        v.copy_(buf[pos : pos + v.numel()], non_blocking=True)
+        pos += v.numel()
+
+
 @dataclass
 class _Lane:
     kind: OpKind
@@ -161,7 +187,7 @@ class Packer:
                 assert self._unpack is not None
                 self._unpack.wait_event(sent)
                 with torch.cuda.stream(self._unpack):
-                    torch._foreach_copy_(views, list(torch.split(buf, [v.numel() for v in views])))
+                    _scatter(buf, views)
                     done = _cuda.new_event()
                     done.record(self._unpack)
                 lane.reusable[slot_index] = done
@@ -182,7 +208,7 @@ class Packer:
         if reuse is not None:
             self._pack.wait_event(reuse)
         with torch.cuda.stream(self._pack):
-            torch.cat(views, out=buf)
+            _gather(views, buf)
             packed = _cuda.new_event()
             packed.record(self._pack)
         stream.wait_event(packed)
