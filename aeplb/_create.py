@@ -113,9 +113,9 @@ def create_communicator(
             hanging. With it on, every rank of the group must call ``execute()`` for every
             batch, even with nothing queued.
             ``coalesce`` (nccl, pynccl; default True): send all tensors for one peer as
-            one byte stream in ``chunk_bytes`` pieces (default 64 MiB), packing pieces
+            one byte stream in ``chunk_bytes`` pieces (default 256 MiB), packing pieces
             that span several tensors into a device staging pool of at most
-            ``staging_bytes`` (default 512 MiB), pipelined with the transfer.
+            ``staging_bytes`` (default 1 GiB), pipelined with the transfer.
             ``max_ops_per_group`` (nccl, pynccl with coalesce=False; default 64, None for
             no cap): ops in one NCCL group; larger batches are split so that no rank can
             deadlock.

@@ -24,40 +24,55 @@ from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import Op, OpKind
 
-DEFAULT_CHUNK_BYTES = 64 << 20
-DEFAULT_STAGING_BYTES = 512 << 20
+# From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
+# nears the link rate for messages of hundreds of MB, so pieces are large.
+DEFAULT_CHUNK_BYTES = 256 << 20
+DEFAULT_STAGING_BYTES = 1 << 30
 
 # (kind, buffer, peer): the buffer is a flat uint8 view
 WireOp = tuple[OpKind, torch.Tensor, int]
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1).view(torch.uint8)
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.view(-1)  # queued tensors are contiguous
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def merge_adjacent(views: list[torch.Tensor]) -> list[torch.Tensor]:
     """Merges byte views that sit back to back in one allocation (no copy)."""
     out: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    end = -1
     for v in views:
-        if v.numel() == 0:
+        n = v.numel()
+        if n == 0:
             continue
-        if out:
-            last = out[-1]
-            if (
-                last.data_ptr() + last.numel() == v.data_ptr()
-                and last.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
-            ):
-                merged = torch.empty(0, dtype=torch.uint8, device=v.device)
-                merged.set_(
-                    last.untyped_storage(),
-                    last.storage_offset(),
-                    (last.numel() + v.numel(),),
-                    (1,),
-                )
-                out[-1] = merged
-                continue
-        out.append(v)
+        ptr = v.data_ptr()
+        if run and ptr == end and _same_allocation(run[0], v):
+            run.append(v)
+        else:
+            if run:
+                out.append(_join(run))
+            run = [v]
+        end = ptr + n
+    if run:
+        out.append(_join(run))
     return out
+
+
+def _same_allocation(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _join(run: list[torch.Tensor]) -> torch.Tensor:
+    if len(run) == 1:
+        return run[0]
+    first = run[0]
+    merged = torch.empty(0, dtype=torch.uint8, device=first.device)
+    merged.set_(
+        first.untyped_storage(), first.storage_offset(), (sum(v.numel() for v in run),), (1,)
+    )
+    return merged
 
 
 def byte_slice(segments: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
@@ -65,9 +80,11 @@ def byte_slice(segments: list[torch.Tensor], start: int, stop: int) -> list[torc
     out: list[torch.Tensor] = []
     pos = 0
     for seg in segments:
-        end = pos + seg.numel()
+        n = seg.numel()
+        end = pos + n
         if end > start and pos < stop:
-            out.append(seg[max(start - pos, 0) : min(stop, end) - pos])
+            lo, hi = max(start - pos, 0), min(stop, end) - pos
+            out.append(seg if lo == 0 and hi == n else seg[lo:hi])
         if end >= stop:
             break
         pos = end
@@ -216,7 +233,7 @@ class Packer:
     def _lanes(self, ops: list[Op]) -> list[_Lane]:
         grouped: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
         for op in ops:
-            grouped[(op.kind, op.peer)].append(_bytes(op.tensor))
+            grouped[(op.kind, op.peer)].append(as_bytes(op.tensor))
         lanes = []
         for (kind, peer), views in grouped.items():
             segments = merge_adjacent(views)

@@ -24,7 +24,7 @@ from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import Op, OpKind, PreparedBatch
 from ._base import Transport
-from ._packing import byte_slice, merge_adjacent
+from ._packing import as_bytes, byte_slice, merge_adjacent
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
@@ -61,7 +61,7 @@ def _stream_pieces(ops: list[Op], chunk: int) -> dict[tuple[OpKind, int], list[l
     """
     views: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
     for op in ops:
-        views[(op.kind, op.peer)].append(op.tensor.reshape(-1).view(torch.uint8))
+        views[(op.kind, op.peer)].append(as_bytes(op.tensor))
     out = {}
     for key, vs in views.items():
         segments = merge_adjacent(vs)
