@@ -62,6 +62,8 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
             row["GBps"] = row["bytes_per_peer"] / row["seconds"] / 1e9
             row["cpu_ms"] = max(r["cpu_ms"] for r in rows)
             row["staging_bytes"] = max(r["staging_bytes"] for r in rows)
+            if "check_ms" in row:
+                row["check_ms"] = max(r["check_ms"] for r in rows)
         merged.append(row)
     for row in merged:
         if "GBps" not in row:
@@ -80,7 +82,8 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
 
 def _table(rows: list[Row]) -> str:
     head = f"{'workload':<14}{'variant':<34}{'MB/peer':>9}{'ms':>9}{'GB/s':>9}{'x raw':>7}"
-    head += f"{'x sync':>8}{'stall ms':>10}{'queue ms':>9}{'cpu ms':>8}{'staging MB':>11}"
+    head += f"{'x sync':>8}{'stall ms':>10}{'queue ms':>9}{'check ms':>9}{'cpu ms':>8}"
+    head += f"{'staging MB':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -95,6 +98,7 @@ def _table(rows: list[Row]) -> str:
             f"{r.get('ratio_to_raw', float('nan')):>7.2f}"
             f"{r.get('speedup_vs_sync', float('nan')):>8.2f}"
             f"{r['max_stall_ms']:>10.2f}{r.get('queue_ms', float('nan')):>9.2f}"
+            f"{r.get('check_ms', float('nan')):>9.2f}"
             f"{r['cpu_ms']:>8.1f}{r['staging_bytes'] / 2**20:>11.0f}"
         )
     return "\n".join(lines)

@@ -161,6 +161,7 @@ class Bench:
         sends, recvs = self.tensors(w)
         times, cpu = [], []
         queue_ms: list[float] = []
+        check_ms: list[float] = []
         stall = (0.0, 0.0)
         stalls_max, stalls_p99 = [], []
         for i in range(self.warmup + self.reps):
@@ -175,7 +176,8 @@ class Bench:
             # the stall that matters is the one execute() causes; queueing is the caller's
             # own synchronous code and is reported apart
             self.ticker.begin()
-            await comm.execute()
+            stats = await comm.execute()
+            check_ms.append(stats.check_seconds * 1e3)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             stall = self.ticker.end()
             queue_ms.append((tq - t0) * 1e3)
@@ -192,6 +194,7 @@ class Bench:
         row = _row(name, w, times, cpu, (max(stalls_max), max(stalls_p99)), staging)
         row["options"] = {k: v for k, v in options.items() if k != "timeout"}
         row["queue_ms"] = statistics.median(queue_ms[self.warmup :])
+        row["check_ms"] = statistics.median(check_ms[self.warmup :])
         return row
 
 
