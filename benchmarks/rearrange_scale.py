@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers-in-flight", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600.0, help="deadline per layer batch (s)")
     p.add_argument("--loop", default="asyncio", choices=["asyncio", "trio"], help="event loop")
+    p.add_argument(
+        "--prewarm",
+        action="store_true",
+        help="import numpy.ma before the run: np.unique imports it lazily on first use, inside "
+        "aeplb's planner thread, holding the GIL (a one-off stall of the loop)",
+    )
     p.add_argument("--force", action="store_true", help="skip the memory check")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = p.parse_args(argv)
@@ -161,8 +167,9 @@ class Ticker:
     """Sleeps 1 ms in a loop on the event loop and records how late each wake-up was."""
 
     def __init__(self) -> None:
-        self.stalls: list[float] = []
+        self.stalls: list[tuple[float, float]] = []  # (wake-up time since begin(), lateness)
         self.active = False
+        self.began = 0.0
         self.stop = anyio.Event()
 
     async def run(self) -> None:
@@ -171,19 +178,21 @@ class Ticker:
             await anyio.sleep(0.001)
             now = time.perf_counter()
             if self.active:
-                self.stalls.append(now - last - 0.001)
+                self.stalls.append((now - self.began, now - last - 0.001))
             last = now
 
     def begin(self) -> None:
-        self.stalls, self.active = [], True
+        self.stalls, self.active, self.began = [], True, time.perf_counter()
 
-    def end(self) -> dict[str, float]:
+    def end(self) -> Result:
         self.active = False
-        s = sorted(self.stalls) or [0.0]
+        s = sorted(x for _, x in self.stalls) or [0.0]
+        worst = sorted(self.stalls, key=lambda ts: -ts[1])[:5]
         return {
             "max_stall_ms": s[-1] * 1e3,
             "p99_stall_ms": s[int(0.99 * (len(s) - 1))] * 1e3,
-            "ticks": float(len(self.stalls)),
+            "ticks": len(self.stalls),
+            "worst_ms_at_ms": [(round(x * 1e3, 2), round(t * 1e3, 1)) for t, x in worst],
         }
 
 
@@ -255,6 +264,8 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
     comm = aeplb.create_communicator(
         args.backend, device=device if cuda else None, timeout=args.timeout
     )
+    if args.prewarm:
+        import numpy.ma  # noqa: F401
     ticker = Ticker()
     async with comm, anyio.create_task_group() as tg:
         tg.start_soon(ticker.run)
@@ -265,6 +276,11 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
         await anyio.sleep(0.01)
         ticker.begin()
         t0 = time.perf_counter()
+        commits: list[float] = []  # when each layer committed, ms since the start
+
+        def on_layer(layer: int) -> None:
+            commits.append(round((time.perf_counter() - t0) * 1e3, 1))
+
         stats = await aeplb.rearrange_experts(
             comm,
             weights,
@@ -272,6 +288,7 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
             new.phy2log.to(device),
             log2phy=log2phy,
             logcnt=logcnt,
+            on_layer=on_layer,
             layers_in_flight=args.layers_in_flight,
             timeout=args.timeout,
         )
@@ -312,6 +329,7 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
         "bytes_received": stats.bytes_received,
         "bytes_copied_locally": stats.bytes_copied_locally,
         "slots_changed": int((old.phy2log[:, mine] != new.phy2log[:, mine]).sum()),
+        "commit_ms": commits,
         "idle": idle,
         "busy": busy,
         "phases": phases,
