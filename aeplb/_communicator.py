@@ -3,6 +3,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from ._exceptions import (
 from ._ops import Op, OpKind, PreparedBatch, check_op, prepare
 from ._runtime import Job, Worker
 from ._stats import CommunicatorStatistics, TransferStats
+from .transports._cudabase import CudaTransport
 
 if TYPE_CHECKING:
     from ._batch import Batch
@@ -68,11 +70,32 @@ class Communicator:
     """
 
     def __init__(
-        self, transport: Transport, *, timeout: float | None = None, check_peers: bool = True
+        self,
+        transport: Transport,
+        *,
+        timeout: float | None = None,
+        check_peers: bool = True,
+        enqueue_on: str = "worker",
     ) -> None:
         self._transport = transport
         self._timeout = _check_timeout(timeout, "create_communicator")
         self._check_peers = bool(check_peers)
+        if enqueue_on not in ("worker", "caller"):
+            raise InvalidTransferError(
+                f"enqueue_on must be 'worker' or 'caller', got {enqueue_on!r}"
+            )
+        if enqueue_on == "caller":
+            if not isinstance(transport, CudaTransport):
+                raise InvalidTransferError(
+                    "enqueue_on='caller' needs a CUDA transport (nccl, pynccl), "
+                    f"not {transport.name}"
+                )
+            if self._check_peers:
+                raise InvalidTransferError(
+                    "enqueue_on='caller' needs check_peers=False: the manifest exchange waits "
+                    "on the network and would block the calling thread"
+                )
+        self._enqueue_on_caller = enqueue_on == "caller"
         self._queue: list[Op] = []
         self._worker = Worker(f"aeplb-{transport.name}")
         self._lock = threading.Lock()
@@ -265,7 +288,10 @@ class Communicator:
             rejected, batch = exc, PreparedBatch()
         ready = self._transport.capture_ready()
         status = _manifest.OK if rejected is None else _manifest.REJECTED
-        job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
+        if self._enqueue_on_caller:
+            job = self._worker.submit(self._enqueue_here(batch, ready, deadline))
+        else:
+            job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
         with self._lock:
             self._in_flight.append(job)
         job.add_done_callback(lambda: self._settle(job))
@@ -274,22 +300,31 @@ class Communicator:
         self._awaiting = True
         return _Pending(job, batch, called_at, deadline, timeout, rejected)
 
-    def _run(
-        self, batch: PreparedBatch, ready: object | None, deadline: float | None, status: int
-    ) -> _Outcome:
-        """Runs on the worker thread."""
-        if self._broken is not None:
-            raise BrokenCommunicatorError(
-                f"an earlier batch broke this communicator ({self._broken})"
-            ) from self._broken
+    def _enqueue_here(
+        self, batch: PreparedBatch, ready: object | None, deadline: float | None
+    ) -> Callable[[], _Outcome]:
+        """Enqueues the NCCL work on the calling thread; the worker only waits for it.
+
+        For servers whose NCCL collectives run on the main thread: no NCCL call ever comes
+        from another thread. Enqueueing takes host time on the caller (about 1.6 ms for 96
+        ops with torch's NCCL); the wait does not.
+        """
+        transport = self._transport
+        assert isinstance(transport, CudaTransport)
         started = time.monotonic()
-        check_seconds = 0.0
+        done: list[torch.cuda.Event] = []
+        self._guarded(lambda: done.append(transport.enqueue(batch, ready)))
+
+        def wait() -> _Outcome:
+            self._guarded(lambda: transport.wait(done[0], deadline))
+            return _Outcome(time.monotonic() - started, 0.0)
+
+        return wait
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        """Runs backend work, translating its failures and breaking the communicator."""
         try:
-            if self._check_peers:
-                local = _manifest.build(batch.ops, self.world_size, status)
-                _manifest.check(local, lambda t: self._transport.all_gather(t, deadline), self.rank)
-                check_seconds = time.monotonic() - started
-            self._transport.run(batch, ready, deadline)
+            fn()
         except AEPLBError:
             raise
         except TimeoutError as exc:
@@ -307,6 +342,27 @@ class Communicator:
             )
             self._break(error, exc)
             raise error from exc
+
+    def _run(
+        self, batch: PreparedBatch, ready: object | None, deadline: float | None, status: int
+    ) -> _Outcome:
+        """Runs on the worker thread."""
+        if self._broken is not None:
+            raise BrokenCommunicatorError(
+                f"an earlier batch broke this communicator ({self._broken})"
+            ) from self._broken
+        started = time.monotonic()
+        check_seconds = 0.0
+
+        def work() -> None:
+            nonlocal check_seconds
+            if self._check_peers:
+                local = _manifest.build(batch.ops, self.world_size, status)
+                _manifest.check(local, lambda t: self._transport.all_gather(t, deadline), self.rank)
+                check_seconds = time.monotonic() - started
+            self._transport.run(batch, ready, deadline)
+
+        self._guarded(work)
         return _Outcome(time.monotonic() - started, check_seconds)
 
     def _break(self, error: AEPLBError, cause: BaseException) -> None:

@@ -121,6 +121,10 @@ def create_communicator(
             deadlock.
             ``nccl_library`` (pynccl): path of libnccl.so; default: the one torch loaded,
             the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
+            ``enqueue_on`` (nccl, pynccl; ``"worker"`` by default): ``"caller"`` enqueues
+            the NCCL work on the thread that calls ``execute()`` and leaves only the wait to
+            the worker, so no NCCL call comes from another thread; needs
+            ``check_peers=False``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
             ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
@@ -163,10 +167,11 @@ def create_communicator(
                 f"create_communicator: device={device!r} is not a torch device"
             ) from exc
     check_peers = options.pop("check_peers", True)
+    enqueue_on = options.pop("enqueue_on", "worker")
     transport = _make_transport(_choose(backend, group, dev), group, rank, world_size, dev, options)
     if options:
         raise TypeError(
             f"create_communicator() got unknown option(s) {sorted(options)}; "
             "see help(aeplb.create_communicator)"
         )
-    return Communicator(transport, timeout=timeout, check_peers=check_peers)
+    return Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)

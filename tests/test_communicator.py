@@ -266,3 +266,10 @@ def test_create_without_process_group_says_what_to_do() -> None:
         pytest.skip("a process group is already initialized in this process")
     with pytest.raises(aeplb.BackendUnavailableError, match="init_process_group"):
         aeplb.create_communicator()
+
+
+def test_enqueue_on_caller_needs_a_cuda_transport_and_no_manifest() -> None:
+    with pytest.raises(aeplb.InvalidTransferError, match="CUDA transport"):
+        Communicator(FakeTransport(), check_peers=False, enqueue_on="caller")
+    with pytest.raises(aeplb.InvalidTransferError, match="'worker' or 'caller'"):
+        Communicator(FakeTransport(), check_peers=False, enqueue_on="main")

@@ -244,6 +244,13 @@ def test_small_chunks_reuse_staging_slots(gpus2: RankPool, backend: str, coalesc
     gpus2.run(exchange, backend, "bf16", "many", options, backend="asyncio", pg_backend=PG)
 
 
+@pytest.mark.parametrize("backend", ["nccl", "pynccl"])
+def test_enqueue_on_caller_thread(gpus2: RankPool, backend: str) -> None:
+    options = {"enqueue_on": "caller", "check_peers": False}
+    for layout in ("one-large", "many"):
+        gpus2.run(exchange, backend, "bf16", layout, options, backend="trio", pg_backend=PG)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_ordering(gpus2: RankPool, backend: str) -> None:
     gpus2.run(stream_ordering, backend, backend="trio", pg_backend=PG)

@@ -67,6 +67,10 @@ class CudaTransport(Transport):
 
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
         self.enter_thread()
+        self.wait(self.enqueue(batch, ready), deadline)
+
+    def enqueue(self, batch: PreparedBatch, ready: object | None) -> torch.cuda.Event:
+        """Puts the whole batch on the stream without waiting; returns its completion event."""
         stream = self.stream()
         with torch.cuda.stream(stream):
             if isinstance(ready, torch.cuda.Event):
@@ -76,6 +80,9 @@ class CudaTransport(Transport):
             self.launch(batch, stream)
             done = _cuda.new_event()
             done.record(stream)
+        return done
+
+    def wait(self, done: torch.cuda.Event, deadline: float | None) -> None:
         try:
             _cuda.wait_event(done, deadline)
         except TimeoutError:
