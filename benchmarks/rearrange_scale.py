@@ -275,7 +275,7 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
         _sync(device, ctl)  # blocks the loop briefly; the ticker starts afresh below
         await anyio.sleep(0.01)
         ticker.begin()
-        t0 = time.perf_counter()
+        t0 = ticker.began
         commits: list[float] = []  # when each layer committed, ms since the start
 
         def on_layer(layer: int) -> None:
@@ -296,7 +296,12 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
             await anyio.to_thread.run_sync(torch.cuda.synchronize, device)
         wall = time.perf_counter() - t0
         await anyio.sleep(0.005)  # a last tick, to see a stall at the very end
+        # Stalls once the first layer has committed, i.e. without the one-off setup.
+        first = commits[0] / 1e3 if commits else wall
+        steady = max((x for t, x in ticker.stalls if t > first), default=0.0)
         busy = ticker.end()
+        busy["steady_max_stall_ms"] = steady * 1e3
+        busy["first_commit_ms"] = first * 1e3
         ticker.stop.set()
     phases["rearrange_s"] = wall
 
@@ -413,6 +418,8 @@ def summarize(args: argparse.Namespace, world: int, ranks: list[Result]) -> Resu
         ),
         "max_stall_ms": max(r["busy"]["max_stall_ms"] for r in ranks),
         "p99_stall_ms": max(r["busy"]["p99_stall_ms"] for r in ranks),
+        "steady_max_stall_ms": max(r["busy"]["steady_max_stall_ms"] for r in ranks),
+        "first_commit_ms": max(r["busy"]["first_commit_ms"] for r in ranks),
         "idle_max_stall_ms": max(r["idle"]["max_stall_ms"] for r in ranks),
         "idle_p99_stall_ms": max(r["idle"]["p99_stall_ms"] for r in ranks),
         "phases_s": {k: max(r["phases"][k] for r in ranks) for k in ranks[0]["phases"]},
@@ -437,8 +444,11 @@ def table(args: argparse.Namespace, world: int, s: Result, ranks: list[Result]) 
         f"max {lm['max']:.1f}",
         f"moved {s['bytes_sent'] / 1e9:.3f} GB between ranks ({s['aggregate_GBps']:.2f} GB/s "
         f"aggregate), {s['bytes_copied_locally'] / 1e9:.3f} GB copied locally",
-        f"event loop: max stall {s['max_stall_ms']:.2f} ms, p99 {s['p99_stall_ms']:.2f} ms "
+        f"event loop: max stall {s['max_stall_ms']:.2f} ms, p99 {s['p99_stall_ms']:.2f} ms; "
+        f"after the first commit max {s['steady_max_stall_ms']:.2f} ms "
         f"(idle: max {s['idle_max_stall_ms']:.2f}, p99 {s['idle_p99_stall_ms']:.2f})",
+        f"first layer committed at {s['first_commit_ms']:.0f} ms (planning, placement check, "
+        "first batch)",
         "phases (s, slowest rank): "
         + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in s["phases_s"].items()),
         "",
@@ -497,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ctx.Queue()
     procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
     started = time.perf_counter()
+    load_before = os.getloadavg()
     for p in procs:
         p.start()
     ranks: list[Result] | None = None
@@ -520,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": ranks[0]["device"],
             "host": platform.node(),
             "cpus": os.cpu_count(),
+            # Other work on the machine skews CPU runs: 1-minute load average before/after.
+            "loadavg_1m": [load_before[0], os.getloadavg()[0]],
             "ranks": world,
             "torch": torch.__version__,
             "aeplb": aeplb.__version__,
