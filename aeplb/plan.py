@@ -14,7 +14,7 @@ import numpy as np
 
 # np.unique imports numpy.ma on its first call, holding the GIL for 0.1 to 0.7 s on a loaded
 # machine; importing it with aeplb keeps that stall out of the first rearrangement.
-import numpy.ma  # noqa: F401
+import numpy.ma
 import numpy.typing as npt
 import torch
 
