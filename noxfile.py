@@ -59,3 +59,10 @@ def bench(session: nox.Session) -> None:
     """Bandwidth and event-loop stall per backend (one rank per GPU, or --cpu)."""
     _install(session)
     session.run("python", "-m", "aeplb.bench", *(session.posargs or ["--cpu"]))
+
+
+@nox.session(python=PYTHON)
+def soak(session: nox.Session) -> None:
+    """The full soak: >= 10,000 random batches on 2 and 4 CPU ranks, every byte checked."""
+    _install(session)
+    session.run("pytest", "-q", "-m", "slow", "tests/test_soak.py", *session.posargs)

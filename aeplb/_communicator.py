@@ -50,14 +50,32 @@ class _Pending:
     rejected: InvalidTransferError | None = None
 
 
+# Longest deadline accepted: backends turn the remaining time into C integers of
+# milliseconds (Gloo overflows past about 24 days); None waits without a deadline.
+MAX_TIMEOUT = 1e6
+
+
 def _check_timeout(timeout: object, where: str) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_TIMEOUT  # also rejects NaN
+    ):
         raise InvalidTransferError(
-            f"{where}: timeout must be a positive number of seconds or None, got {timeout!r}"
+            f"{where}: timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} "
+            f"(or None for no deadline), got {timeout!r}"
         )
     return float(timeout)
+
+
+def _check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidTransferError(
+            f"create_communicator: {name} must be True or False, got {value!r}"
+        )
+    return value
 
 
 class Communicator:
@@ -79,7 +97,7 @@ class Communicator:
     ) -> None:
         self._transport = transport
         self._timeout = _check_timeout(timeout, "create_communicator")
-        self._check_peers = bool(check_peers)
+        self._check_peers = _check_bool(check_peers, "check_peers")
         if enqueue_on not in ("worker", "caller"):
             raise InvalidTransferError(
                 f"enqueue_on must be 'worker' or 'caller', got {enqueue_on!r}"
@@ -171,6 +189,7 @@ class Communicator:
         """
         from ._batch import Batch
 
+        _check_timeout(timeout, "batch")  # now, not when the block's ops are about to run
         return Batch(self, timeout)
 
     def set_stream(self, stream: torch.cuda.Stream | None) -> None:
@@ -241,7 +260,11 @@ class Communicator:
             limit = None
             if pending.deadline is not None:
                 limit = max(pending.deadline - time.monotonic(), 0.0) + _GRACE_SECONDS
-            if not pending.job.wait(limit):
+            # A done-callback, not job.wait(): it runs after _settle, so statistics() read
+            # right after execute() returns (or raises) already counts this batch.
+            settled = threading.Event()
+            pending.job.add_done_callback(settled.set)
+            if not settled.wait(limit):
                 self._abandon(pending)
         finally:
             self._awaiting = False
@@ -294,7 +317,7 @@ class Communicator:
             job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
         with self._lock:
             self._in_flight.append(job)
-        job.add_done_callback(lambda: self._settle(job))
+        job.add_done_callback(lambda: self._settle(job, batch))
         if from_queue and rejected is None:
             self._queue = []
         self._awaiting = True
@@ -371,8 +394,12 @@ class Communicator:
             if self._broken is None:
                 self._broken = error
 
-    def _settle(self, job: Job[_Outcome]) -> None:
-        """Runs on the worker thread when a job ends, awaited or not."""
+    def _settle(self, job: Job[_Outcome], batch: PreparedBatch) -> None:
+        """Runs on the worker thread when a job ends, awaited or not.
+
+        Counts bytes here, not in ``_finish``: a batch whose awaiting task was cancelled
+        still completes, and its bytes belong with it in ``batches_completed``.
+        """
         with self._lock:
             self._in_flight.remove(job)
             try:
@@ -382,16 +409,15 @@ class Communicator:
                 self._last_error = exc
             else:
                 self._completed += 1
+                self._bytes[0] += batch.bytes_sent
+                self._bytes[1] += batch.bytes_received
+                self._bytes[2] += batch.bytes_copied
 
     def _finish(self, pending: _Pending) -> TransferStats:
         if pending.rejected is not None:
             raise pending.rejected  # the peers got a PeerMismatchError through the manifest
         outcome = pending.job.result()  # re-raises the worker's error
         batch = pending.batch
-        with self._lock:
-            self._bytes[0] += batch.bytes_sent
-            self._bytes[1] += batch.bytes_received
-            self._bytes[2] += batch.bytes_copied
         finished = pending.job.finished_at or time.monotonic()
         return TransferStats(
             bytes_sent=batch.bytes_sent,

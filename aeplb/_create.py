@@ -1,17 +1,19 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
-from ._communicator import Communicator
+from ._communicator import Communicator, _check_bool, _check_timeout
 from ._exceptions import BackendUnavailableError, InvalidTransferError
 from .transports._base import Transport
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo")
 # Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
 DEFAULT_STRIPES = 8
+# What new_group() returns on a process that is not one of the group's ranks.
+NON_MEMBER = dist.GroupMember.NON_GROUP_MEMBER
 
 
 def _group_backends(group: dist.ProcessGroup) -> str:
@@ -151,6 +153,12 @@ def create_communicator(
     if group is None:
         group = dist.group.WORLD
         assert group is not None
+    elif not isinstance(given := cast(object, group), dist.ProcessGroup) and given != NON_MEMBER:
+        raise InvalidTransferError(
+            f"create_communicator: group must be a torch.distributed.ProcessGroup (from "
+            f"new_group) or None for the default group, got {type(group).__name__}"
+        )
+    _check_timeout(timeout, "create_communicator")  # before any group is created
     rank = dist.get_rank(group)
     if rank < 0:
         raise InvalidTransferError(
@@ -166,7 +174,7 @@ def create_communicator(
             raise InvalidTransferError(
                 f"create_communicator: device={device!r} is not a torch device"
             ) from exc
-    check_peers = options.pop("check_peers", True)
+    check_peers = _check_bool(options.pop("check_peers", True), "check_peers")
     enqueue_on = options.pop("enqueue_on", "worker")
     transport = _make_transport(_choose(backend, group, dev), group, rank, world_size, dev, options)
     if options:

@@ -24,11 +24,11 @@ import anyio.to_thread
 import numpy as np
 import torch
 
+from ._communicator import MAX_TIMEOUT, Communicator
 from ._exceptions import InvalidTransferError
 from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
 
 if TYPE_CHECKING:
-    from ._communicator import Communicator
     from ._stats import TransferStats
 
 __all__ = ["ExpectedBytes", "RearrangeStats", "expected_bytes", "rearrange_experts"]
@@ -157,8 +157,22 @@ async def rearrange_experts(
     depth = layers_in_flight
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise InvalidTransferError(f"layers_in_flight: expected an int >= 1, got {depth!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
-        raise InvalidTransferError(f"timeout: expected positive seconds or None, got {timeout!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise InvalidTransferError(
+            f"timeout: expected positive seconds up to {MAX_TIMEOUT:g} or None, got {timeout!r}"
+        )
+    for name, fn in (("on_layer", on_layer), ("on_progress", on_progress)):
+        if fn is not None and not callable(fn):  # else it would fail after a commit
+            raise InvalidTransferError(f"{name}: expected a callable or None, got {fn!r}")
+    if not isinstance(comm, Communicator):
+        raise InvalidTransferError(
+            f"comm: expected an aeplb.Communicator (from create_communicator), got "
+            f"{type(comm).__name__}"
+        )
     if comm.pending:
         raise InvalidTransferError(
             f"comm: has {comm.pending} queued op(s) that would join the first layer's batch; "
