@@ -14,6 +14,7 @@ import aeplb
 
 from .multirank import RankPool
 from .payloads import DTYPES, assert_same, payload, poisoned, seed_of
+from .ticker import Ticker
 
 SHAPES = [(1,), (7, 3), (64, 129), (2, 3, 5, 7)]
 
@@ -331,24 +332,19 @@ async def loop_stall(rank: int, world: int, nbytes: int) -> dict[str, float]:
         buf = poisoned((n,))
         comm.add_send(out, peer)
         comm.add_recv(buf, peer)
-        stalls: list[float] = []
-        done = False
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done:
-                await anyio.sleep(0.001)
-                now = time.perf_counter()
-                stalls.append(now - last - 0.001)
-                last = now
+        ticker = Ticker()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+            tg.start_soon(ticker.run)
             await anyio.sleep(0.01)
             stats = await comm.execute()
-            done = True
+            ticker.done = True
         assert_same(buf, payload(seed_of(peer, rank, 0), (n,)))
-        return {"transfer_s": stats.seconds, "max_stall_s": max(stalls), "ticks": len(stalls)}
+        return {
+            "transfer_s": stats.seconds,
+            "max_stall_s": max(ticker.stalls),
+            "ticks": len(ticker.stalls),
+        }
 
 
 # -- tests ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import aeplb
 from .conftest import require_gpu
 from .multirank import RankPool
 from .payloads import payload, seed_of
+from .ticker import Ticker
 
 pytestmark = pytest.mark.gpu
 
@@ -135,30 +136,21 @@ async def loop_stall(rank: int, world: int, backend: str, nbytes: int) -> dict[s
         buf = poisoned((n,), torch.bfloat16)
         comm.add_send(src, peer)
         comm.add_recv(buf, peer)
-        stalls: list[float] = []
-        done = False
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while not done:
-                await anyio.sleep(0.001)
-                now = time.perf_counter()
-                stalls.append(now - last - 0.001)
-                last = now
+        ticker = Ticker()
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+            tg.start_soon(ticker.run)
             await anyio.sleep(0.02)
             stats = await comm.execute()
-            done = True
+            ticker.done = True
         same_bytes(buf, gpu_payload(seed_of(peer, rank, 0), (n,), torch.bfloat16))
-        stalls.sort()
+        ticker.stalls.sort()
         return {
             "transfer_s": stats.seconds,
             "GBps_per_direction": nbytes / stats.seconds / 1e9,
-            "max_stall_ms": stalls[-1] * 1e3,
-            "p99_stall_ms": stalls[int(0.99 * (len(stalls) - 1))] * 1e3,
-            "ticks": len(stalls),
+            "max_stall_ms": ticker.stalls[-1] * 1e3,
+            "p99_stall_ms": ticker.stalls[int(0.99 * (len(ticker.stalls) - 1))] * 1e3,
+            "ticks": len(ticker.stalls),
         }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import anyio
@@ -16,6 +15,7 @@ from aeplb.rearrange import expected_bytes
 
 from .multirank import RankPool
 from .payloads import assert_same, payload
+from .ticker import Ticker
 
 # Per k: dtype and slot shape. Odd layers get one more row, so shapes differ across layers.
 KINDS = [(torch.float32, (4, 3)), (torch.bfloat16, (5,)), (torch.uint8, (2, 3, 2))]
@@ -314,29 +314,20 @@ async def loop_stall(rank: int, world: int, salt: int) -> dict[str, float]:
     scale = 24576  # about 5 MB of weights per layer per rank, all of it moves
     live = old.clone()
     weights = make_weights(rank, world, old, salt, scale)
-    stalls: list[float] = []
-    done = False
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done:
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            stalls.append(now - last - 0.001)
-            last = now
+    ticker = Ticker()
 
     async with aeplb.create_communicator("gloo", timeout=60) as comm:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(ticker)
+            tg.start_soon(ticker.run)
             await anyio.sleep(0.01)
             stats = await aeplb.rearrange_experts(comm, weights, live, new)
-            done = True
+            ticker.done = True
         check_layers(rank, world, weights, new, salt, scale=scale)
     return {
         "seconds": stats.seconds,
         "mb": stats.bytes_received / 1e6,
-        "max_stall": max(stalls),
-        "ticks": len(stalls),
+        "max_stall": max(ticker.stalls),
+        "ticks": len(ticker.stalls),
     }
 
 
@@ -351,22 +342,13 @@ async def cuda_stream_order(rank: int, world: int, salt: int) -> dict[str, float
     log2phy, logcnt = (t.to(dev) for t in tables(old, num_experts, maxcnt))
     weights = [[w.to(dev) for w in ws] for ws in make_weights(rank, world, old, salt)]
     before = ptrs(live, log2phy, logcnt, *(w for ws in weights for w in ws))
-    stalls: list[float] = []
-    done = False
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not done:
-            await anyio.sleep(0.001)
-            now = time.perf_counter()
-            stalls.append(now - last - 0.001)
-            last = now
+    ticker = Ticker()
 
     stream = torch.cuda.Stream(dev)
     async with aeplb.create_communicator("gloo", timeout=60) as comm:
         with torch.cuda.stream(stream):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(ticker)
+                tg.start_soon(ticker.run)
                 # A serving stream has cached memory; a fresh one would cudaMalloc for the
                 # clones below, which can wait for the GPU.
                 warm = [torch.empty(1 << 10, device=dev), torch.empty(16 << 20, device=dev)]
@@ -377,7 +359,7 @@ async def cuda_stream_order(rank: int, world: int, salt: int) -> dict[str, float
                     comm, weights, live, new, log2phy=log2phy, logcnt=logcnt
                 )
                 seen_after = [w.clone() for ws in weights for w in ws]
-                done = True
+                ticker.done = True
         stream.synchronize()
     flat_old = [w for ws in make_weights(rank, world, old, salt) for w in ws]
     for got, want in zip(seen_before, flat_old, strict=True):
@@ -391,7 +373,7 @@ async def cuda_stream_order(rank: int, world: int, salt: int) -> dict[str, float
     assert torch.equal(live.cpu(), new)
     assert torch.equal(log2phy.cpu(), want_tables[0]) and torch.equal(logcnt.cpu(), want_tables[1])
     assert ptrs(live, log2phy, logcnt, *(w for ws in weights for w in ws)) == before
-    return {"seconds": stats.seconds, "max_stall": max(stalls)}
+    return {"seconds": stats.seconds, "max_stall": max(ticker.stalls)}
 
 
 async def validation(rank: int, world: int) -> list[str]:
