@@ -16,8 +16,8 @@ import numpy as np
 # machine; importing it with aeplb keeps that stall out of the first rearrangement.
 import numpy.ma
 import numpy.typing as npt
-import torch
 
+from aeplb._arrays import int_array
 from aeplb._exceptions import InvalidTransferError
 
 __all__ = [
@@ -247,18 +247,7 @@ def _isin_sorted(keys: _Int, sorted_keys: _Int) -> _Bool:
 
 
 def _as_placement(value: Any, name: str) -> _Int:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise InvalidTransferError(
-                f"{name}: expected an integer tensor of expert ids, got dtype {value.dtype}"
-            )
-        arr = value.detach().cpu().numpy()
-    else:
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "iu":
-            raise InvalidTransferError(
-                f"{name}: expected an integer array of expert ids, got dtype {arr.dtype}"
-            )
+    arr = int_array(value, name)
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise InvalidTransferError(
             f"{name}: expected a 2-D [layers, physical slots] array with at least one slot, "

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from aeplb._arrays import int_array
 from aeplb._exceptions import InvalidTransferError
 
 __all__ = ["Placement", "rebalance_experts"]
@@ -159,18 +160,7 @@ def _check_sizes(
 
 
 def _as_current(current: Any, num_layers: int, num_replicas: int, num_experts: int) -> _Int:
-    if isinstance(current, torch.Tensor):
-        if current.is_floating_point() or current.is_complex() or current.dtype == torch.bool:
-            raise InvalidTransferError(
-                f"current: expected an integer placement, got dtype {current.dtype}"
-            )
-        arr = current.detach().cpu().numpy()
-    else:
-        arr = np.asarray(current)
-        if arr.dtype.kind not in "iu":
-            raise InvalidTransferError(
-                f"current: expected an integer placement, got dtype {arr.dtype}"
-            )
+    arr = int_array(current, "current")
     if arr.shape != (num_layers, num_replicas):
         raise InvalidTransferError(
             f"current: expected shape ({num_layers}, {num_replicas}) [layers, num_replicas], "
