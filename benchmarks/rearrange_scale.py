@@ -25,9 +25,7 @@ import datetime
 import json
 import os
 import platform
-import queue
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -38,9 +36,9 @@ import anyio
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import aeplb
+from aeplb.bench._spawn import run_ranks
 
 Result = dict[str, Any]
 
@@ -500,28 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
     started = time.perf_counter()
     load_before = os.getloadavg()
-    for p in procs:
-        p.start()
-    ranks: list[Result] | None = None
-    while ranks is None:
-        try:
-            ranks = out.get(timeout=1.0)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                print("a rank failed; see its traceback above", file=sys.stderr)
-                return 1
-    for p in procs:
-        p.join()
+    ranks: list[Result] | None = run_ranks(entry, world, args)
+    if ranks is None:
+        return 1
     summary = summarize(args, world, ranks)
     summary["run_s"] = time.perf_counter() - started
     print(table(args, world, summary, ranks), flush=True)

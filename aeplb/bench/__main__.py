@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import queue
-import socket
 import statistics
 import sys
 
 import torch
-import torch.multiprocessing as mp
 
 from ._driver import CPU_BACKENDS, GPU_BACKENDS, entry
 from ._rank import Row
+from ._spawn import run_ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,26 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if world < 2:
         print("needs at least 2 ranks (2 GPUs, or --cpu)", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    per_rank = None
-    while per_rank is None:
-        try:
-            per_rank = out.get(timeout=1.0)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                print("a rank failed; see its traceback above", file=sys.stderr)
-                return 1
-    for p in procs:
-        p.join()
+    per_rank = run_ranks(entry, world, args)
+    if per_rank is None:
+        return 1
     rows = _merge(per_rank)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,40 @@
+"""Spawns one process per rank and collects what rank 0 reports."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def run_ranks(entry: Callable[..., None], world: int, args: Any) -> Any | None:
+    """Runs ``entry(rank, world, port, args, out)`` on ``world`` spawned ranks.
+
+    Returns what rank 0 put on ``out``, or None once any rank exits with an error (the other
+    ranks are killed then, so a failed rank never leaves the caller waiting).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    while True:
+        try:
+            result = out.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                print("a rank failed; see its traceback above", file=sys.stderr)
+                return None
+    for p in procs:
+        p.join()
+    return result
