@@ -102,6 +102,25 @@ class CudaTransport(Transport):
         for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
             self.post_group([(op.kind, op.tensor, op.peer) for op in chunk])
 
+    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        self.enter_thread()
+        stream = self.stream()
+        with torch.cuda.stream(stream):
+            mine = local.to(self.device, non_blocking=True)
+            out = torch.empty(
+                (self.world_size, *local.shape), dtype=local.dtype, device=self.device
+            )
+            self.gather_into(mine, out)
+            host = out.to("cpu", non_blocking=True)
+            done = _cuda.new_event()
+            done.record(stream)
+        self.wait(done, deadline)
+        return host
+
+    @abc.abstractmethod
+    def gather_into(self, mine: torch.Tensor, out: torch.Tensor) -> None:
+        """Enqueues gathering every rank's ``mine`` into ``out`` on the current stream."""
+
     @abc.abstractmethod
     def post_group(self, ops: list[WireOp]) -> None:
         """Enqueues ops as one NCCL group on the current stream (never blocks the host)."""

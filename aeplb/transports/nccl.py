@@ -7,7 +7,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import _cuda
 from .._ops import OpKind
 from ._cudabase import CudaTransport
 from ._packing import WireOp
@@ -28,20 +27,8 @@ class NCCLTransport(CudaTransport):
         self._group = group
         self._global = [dist.get_global_rank(group, r) for r in range(world_size)]
 
-    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
-        self.enter_thread()
-        stream = self.stream()
-        with torch.cuda.stream(stream):
-            src = local.to(self.device, non_blocking=True)
-            out = torch.empty(
-                (self.world_size, *local.shape), dtype=local.dtype, device=self.device
-            )
-            dist.all_gather_into_tensor(out, src, group=self._group)
-            host = out.to("cpu", non_blocking=True)
-            done = _cuda.new_event()
-            done.record(stream)
-        _cuda.wait_event(done, deadline)
-        return host
+    def gather_into(self, mine: torch.Tensor, out: torch.Tensor) -> None:
+        dist.all_gather_into_tensor(out, mine, group=self._group)
 
     def post_group(self, ops: list[WireOp]) -> None:
         p2p = [

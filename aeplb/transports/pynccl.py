@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import _cuda
 from .._exceptions import BackendUnavailableError
 from .._ops import OpKind
 from . import _libnccl
@@ -47,38 +46,20 @@ class PyNCCLTransport(CudaTransport):
         with torch.cuda.device(device):
             self._comm = _libnccl.NCCLComm.init(self._lib, uid[0], world_size, rank)
 
-    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
-        self.enter_thread()
-        stream = self.stream()
-        with torch.cuda.stream(stream):
-            mine = local.to(self.device, non_blocking=True)
-            out = torch.empty(
-                (self.world_size, *local.shape), dtype=local.dtype, device=self.device
-            )
-            out[self.rank].copy_(mine)
-            handle = stream.cuda_stream
-            nbytes = mine.numel() * mine.element_size()
-            self._lib.group_start()
-            try:
-                for peer in range(self.world_size):
-                    if peer != self.rank:
-                        self._comm.send(
-                            mine.data_ptr(), nbytes, _libnccl.DataType.UINT8, peer, handle
-                        )
-                        self._comm.recv(
-                            out[peer].data_ptr(), nbytes, _libnccl.DataType.UINT8, peer, handle
-                        )
-            finally:
-                self._lib.group_end()
-            host = out.to("cpu", non_blocking=True)
-            done = _cuda.new_event()
-            done.record(stream)
+    def gather_into(self, mine: torch.Tensor, out: torch.Tensor) -> None:
+        # An all-gather from point-to-point ops: the binding covers send and recv only.
+        out[self.rank].copy_(mine)
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        nbytes = mine.numel() * mine.element_size()
+        u8 = _libnccl.DataType.UINT8
+        self._lib.group_start()
         try:
-            _cuda.wait_event(done, deadline)
-        except TimeoutError:
-            self.abort()
-            raise
-        return host
+            for peer in range(self.world_size):
+                if peer != self.rank:
+                    self._comm.send(mine.data_ptr(), nbytes, u8, peer, handle)
+                    self._comm.recv(out[peer].data_ptr(), nbytes, u8, peer, handle)
+        finally:
+            self._lib.group_end()
 
     def post_group(self, ops: list[WireOp]) -> None:
         handle = torch.cuda.current_stream(self.device).cuda_stream
