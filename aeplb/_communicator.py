@@ -239,15 +239,12 @@ class Communicator:
         keeps its tensors alive until it ends; the destination tensors hold the received
         data once it does (undefined until then). Later batches run after it.
         """
-        pending = self._start(self._queue, timeout, from_queue=True)
-        try:
-            await self._wait_async(pending)
-        finally:
-            self._awaiting = False
-        return self._finish(pending)
+        return await self._execute_ops(self._queue, timeout, from_queue=True)
 
-    async def _execute_ops(self, ops: list[Op], timeout: float | None) -> TransferStats:
-        pending = self._start(ops, timeout, from_queue=False)
+    async def _execute_ops(
+        self, ops: list[Op], timeout: float | None, *, from_queue: bool = False
+    ) -> TransferStats:
+        pending = self._start(ops, timeout, from_queue=from_queue)
         try:
             await self._wait_async(pending)
         finally:
