@@ -103,7 +103,7 @@ class Communicator:
                 f"enqueue_on must be 'worker' or 'caller', got {enqueue_on!r}"
             )
         if enqueue_on == "caller":
-            if not isinstance(transport, CudaTransport):
+            if not (isinstance(transport, CudaTransport) and transport.can_enqueue_on_caller):
                 raise InvalidTransferError(
                     "enqueue_on='caller' needs a CUDA transport (nccl, pynccl), "
                     f"not {transport.name}"
@@ -200,7 +200,7 @@ class Communicator:
     def _make_op(self, kind: OpKind, tensor: object, peer: object) -> Op:
         self._check_usable()
         op = check_op(kind, tensor, peer, self.world_size)
-        self._transport.check_tensor(op.tensor, "add_send" if kind is OpKind.SEND else "add_recv")
+        self._transport.check_op(op)
         return op
 
     def _check_usable(self) -> None:

@@ -9,7 +9,7 @@ from ._communicator import Communicator, _check_bool, _check_timeout
 from ._exceptions import BackendUnavailableError, InvalidTransferError
 from .transports._base import Transport
 
-BACKENDS = ("auto", "nccl", "pynccl", "gloo")
+BACKENDS = ("auto", "nccl", "pynccl", "gloo", "ipc")
 # Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
 DEFAULT_STRIPES = 8
 # What new_group() returns on a process that is not one of the group's ranks.
@@ -29,7 +29,7 @@ def _choose(backend: str, group: dist.ProcessGroup, device: torch.device | None)
     wants_cuda = device is not None and device.type == "cuda"
     if device is None:
         wants_cuda = torch.cuda.is_available() and "nccl" in _group_backends(group)
-    return "nccl" if wants_cuda else "gloo"
+    return "ipc-or-nccl" if wants_cuda else "gloo"
 
 
 def _make_transport(
@@ -71,6 +71,28 @@ def _make_transport(
     cuda_device = resolve_device(device)
     names = ("max_ops_per_group", "coalesce", "chunk_bytes", "staging_bytes")
     nccl_options = {k: options.pop(k) for k in names if k in options}
+    if name in ("ipc", "ipc-or-nccl"):
+        from .transports import ipc
+
+        copy_streams = options.pop("copy_streams", ipc.DEFAULT_COPY_STREAMS)
+        try:
+            node = ipc.connect(group, rank, world_size, cuda_device)
+        except BackendUnavailableError:
+            if name == "ipc":
+                raise
+            name = "nccl"  # every rank saw the same problem, so every rank falls back
+        else:
+            remote = None
+            if node is None or len(node.peers) < world_size - 1:
+                if "nccl" not in backends:
+                    raise BackendUnavailableError(
+                        "backend='ipc' reaches ranks on other nodes through NCCL, but this "
+                        f"group runs {backends!r}; pass a group with NCCL"
+                    )
+                from .transports.nccl import NCCLTransport
+
+                remote = NCCLTransport(group, rank, world_size, cuda_device, **nccl_options)
+            return ipc.IPCTransport(rank, world_size, cuda_device, node, remote, copy_streams)
     if name == "nccl":
         if "nccl" not in backends:
             raise BackendUnavailableError(
@@ -101,8 +123,11 @@ def create_communicator(
     ranks within ``group``.
 
     Args:
-        backend: ``"auto"`` (NCCL for CUDA devices on an NCCL-capable group, otherwise
-            Gloo), ``"nccl"``, ``"pynccl"`` or ``"gloo"``.
+        backend: ``"auto"`` (for CUDA devices on an NCCL-capable group: ``"ipc"`` where
+            every rank can use CUDA IPC, else ``"nccl"``; otherwise Gloo), ``"nccl"``,
+            ``"pynccl"``, ``"gloo"`` or ``"ipc"`` (copy engines through CUDA IPC between
+            ranks of one node, no kernels; ranks on other nodes go through NCCL in the
+            same batch).
         group: The process group to use; default ``torch.distributed.group.WORLD``. A group
             dedicated to expert transfers keeps them apart from the model's collectives.
         device: The CUDA device the tensors live on, for CUDA backends.
@@ -114,21 +139,25 @@ def create_communicator(
             op lists which do not pair up raise PeerMismatchError on every rank instead of
             hanging. With it on, every rank of the group must call ``execute()`` for every
             batch, even with nothing queued.
-            ``coalesce`` (nccl, pynccl; default True): send all tensors for one peer as
-            one byte stream in ``chunk_bytes`` pieces (default 256 MiB), packing pieces
-            that span several tensors into a device staging pool of at most
-            ``staging_bytes`` (default 1 GiB), pipelined with the transfer.
+            ``coalesce`` (nccl, pynccl, and ipc's NCCL for other nodes; default True):
+            send all tensors for one peer as one byte stream in ``chunk_bytes`` pieces
+            (default 256 MiB), packing pieces that span several tensors into a device
+            staging pool of at most ``staging_bytes`` (default 1 GiB), pipelined with the
+            transfer.
             ``max_ops_per_group`` (nccl, pynccl with coalesce=False; default 64, None for
             no cap): ops in one NCCL group; larger batches are split so that no rank can
             deadlock.
             ``nccl_library`` (pynccl): path of libnccl.so; default: the one torch loaded,
             the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
-            ``enqueue_on`` (nccl, pynccl; ``"worker"`` by default): ``"caller"`` enqueues
+            ``enqueue_on`` (nccl, pynccl; ``"worker"`` by default; ipc has no NCCL work to
+            move): ``"caller"`` enqueues
             the NCCL work on the thread that calls ``execute()`` and leaves only the wait to
             the worker, so no NCCL call comes from another thread; needs
             ``check_peers=False``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
+            ``copy_streams`` (ipc; default 4): streams the peer copies are spread over, so
+            that several copy engines work at once.
             ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
             each with its own connections, that pieces are spread over. Peers must agree on
             ``chunk_bytes`` and ``stripes``.
@@ -140,6 +169,13 @@ def create_communicator(
         BackendUnavailableError: torch.distributed is not initialized, or the backend
             cannot run here; the message says what is missing.
         InvalidTransferError: an argument is wrong.
+
+    With ``"ipc"``, every rank of the group calls ``execute()`` for every batch, even
+    with nothing queued (the ranks of a node exchange where to write each batch), and
+    receive tensors must come from memory that CUDA IPC can share (the default caching
+    allocator, not ``expandable_segments``). A sender keeps the receiver's allocations
+    mapped between batches, so freed receive buffers return to the driver only when a
+    newer allocation takes their place, after 4096 others, or at ``aclose()``.
     """
     if backend not in BACKENDS:
         raise InvalidTransferError(

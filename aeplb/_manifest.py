@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import hashlib
-import struct
+import zlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ._exceptions import PeerMismatchError
@@ -17,26 +18,40 @@ _COLS = 7
 OK, REJECTED = 0, 1
 
 
-def _digest(ops: list[Op]) -> int:
-    h = hashlib.blake2b(digest_size=8)
-    for op in ops:
-        h.update(str(op.tensor.dtype).encode())
-        h.update(struct.pack("<q", op.tensor.numel()))
-    return int.from_bytes(h.digest(), "little", signed=True)
+_DTYPE_CODES: dict[torch.dtype, int] = {}
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    code = _DTYPE_CODES.get(dtype)
+    if code is None:  # the same on every rank: a hash of the dtype's name
+        code = _DTYPE_CODES[dtype] = zlib.crc32(str(dtype).encode())
+    return code
 
 
 def build(ops: list[Op], world_size: int, status: int = OK) -> torch.Tensor:
     """This rank's manifest: per peer, what it will send there and receive from there."""
-    rows = torch.zeros(world_size, _COLS, dtype=torch.int64)
+    shapes: dict[tuple[int, int], list[int]] = {}  # (column, peer) -> dtype, numel, ...
+    nbytes: dict[tuple[int, int], int] = {}
+    for op in ops:
+        t = op.tensor
+        key = (_SEND if op.kind is OpKind.SEND else _RECV, op.peer)
+        numel = t.numel()
+        found = shapes.get(key)
+        if found is None:
+            found = shapes[key] = []
+            nbytes[key] = 0
+        found.append(_dtype_code(t.dtype))
+        found.append(numel)
+        nbytes[key] += numel * t.element_size()
+    rows = np.zeros((world_size, _COLS), dtype=np.int64)
     rows[:, _STATUS] = status
-    for peer in range(world_size):
-        for kind, col in ((OpKind.SEND, _SEND), (OpKind.RECV, _RECV)):
-            mine = [op for op in ops if op.kind is kind and op.peer == peer]
-            if mine:
-                rows[peer, col] = len(mine)
-                rows[peer, col + 1] = sum(op.nbytes for op in mine)
-                rows[peer, col + 2] = _digest(mine)
-    return rows
+    for key, found in shapes.items():
+        col, peer = key
+        digest = hashlib.blake2b(np.array(found, dtype=np.int64).tobytes(), digest_size=8)
+        rows[peer, col] = len(found) // 2
+        rows[peer, col + 1] = nbytes[key]
+        rows[peer, col + 2] = int.from_bytes(digest.digest(), "little", signed=True)
+    return torch.from_numpy(rows)
 
 
 def check(
@@ -47,30 +62,28 @@ def check(
     Every rank checks every pair, so all ranks agree and raise together, before any data
     moves; the communicator stays usable.
     """
-    table = all_gather(local)  # [world (who), world (peer), cols]
-    world = table.shape[0]
-    rejected = [r for r in range(world) if int(table[r, 0, _STATUS]) != OK]
+    rows = all_gather(local).numpy()  # [world (who), world (peer), cols]
+    rejected = [r for r in range(rows.shape[0]) if int(rows[r, 0, _STATUS]) != OK]
     if rejected:
         raise PeerMismatchError(
             f"rank(s) {rejected} rejected their batch as invalid (see the error raised there); "
             "no data moved on any rank. Fix the op lists and execute again."
         )
+    sent_all = rows[:, :, _SEND : _SEND + 3]  # [a, b]: what a sends to b
+    expected_all = rows[:, :, _RECV : _RECV + 3].transpose(1, 0, 2)  # [a, b]: b expects from a
+    bad = (sent_all != expected_all).any(axis=-1)
+    np.fill_diagonal(bad, False)
     problems: list[str] = []
-    for a in range(world):
-        for b in range(world):
-            if a == b:
-                continue
-            sent = table[a, b, _SEND : _SEND + 3].tolist()
-            expected = table[b, a, _RECV : _RECV + 3].tolist()
-            if sent == expected:
-                continue
-            if sent[:2] == expected[:2]:
-                detail = "the same count and bytes, but dtypes or element counts differ in order"
-            else:
-                detail = f"rank {b} expects {expected[0]} tensor(s) ({expected[1]} bytes)"
-            problems.append(
-                f"rank {a} sends {sent[0]} tensor(s) ({sent[1]} bytes) to rank {b}; {detail}"
-            )
+    for a, b in zip(*np.nonzero(bad), strict=True):
+        sent = sent_all[a, b].tolist()
+        expected = expected_all[a, b].tolist()
+        if sent[:2] == expected[:2]:
+            detail = "the same count and bytes, but dtypes or element counts differ in order"
+        else:
+            detail = f"rank {b} expects {expected[0]} tensor(s) ({expected[1]} bytes)"
+        problems.append(
+            f"rank {a} sends {sent[0]} tensor(s) ({sent[1]} bytes) to rank {b}; {detail}"
+        )
     if problems:
         shown = "; ".join(problems[:8])
         more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""

@@ -21,7 +21,7 @@ from .ticker import Ticker
 
 pytestmark = pytest.mark.gpu
 
-BACKENDS = ["nccl", "pynccl", "gloo"]
+BACKENDS = ["ipc", "nccl", "pynccl", "gloo"]
 PG = "cpu:gloo,cuda:nccl"
 FP8 = getattr(torch, "float8_e4m3fn", torch.uint8)
 
@@ -204,7 +204,7 @@ def blocking(rank: int, world: int, backend: str) -> None:
 
 async def auto_and_bad_device(rank: int, world: int) -> str:
     comm = aeplb.create_communicator("auto")
-    assert comm.backend == "nccl"
+    assert comm.backend == "ipc"  # both GPUs on one node
     with pytest.raises(aeplb.InvalidTransferError, match="moves tensors on cuda"):
         comm.add_send(torch.ones(3), 1 - rank)
     if torch.cuda.device_count() > 1:
@@ -280,4 +280,4 @@ def test_blocking_facade(gpus2: RankPool, backend: str) -> None:
 
 
 def test_auto_and_wrong_device(gpus2: RankPool) -> None:
-    assert gpus2.run(auto_and_bad_device, backend="asyncio", pg_backend=PG) == ["nccl"] * 2
+    assert gpus2.run(auto_and_bad_device, backend="asyncio", pg_backend=PG) == ["ipc"] * 2

@@ -23,7 +23,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo (no GPU needed)")
     p.add_argument("--ranks", type=int, default=0, help="ranks (default: GPUs, or 2 with --cpu)")
-    p.add_argument("--workloads", default="eplb,many-small,sweep")
+    p.add_argument(
+        "--workloads",
+        default="eplb,many-small,sweep,interference",
+        help="eplb, many-small, sweep, interference (GPU: bf16 matmul rate during transfers)",
+    )
     p.add_argument(
         "--backends",
         default=None,
@@ -44,6 +48,11 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
     merged = []
     for rows in zip(*per_rank, strict=True):
         row = dict(rows[0])
+        if row.get("workload") == "interference":
+            # the rank whose matmuls suffered most
+            worst = min(rows, key=lambda r: r.get("TFLOPs", 0.0))
+            merged.append(dict(worst))
+            continue
         errors = [r["error"] for r in rows if "error" in r]
         if errors or (any("times" not in r for r in rows) and "times" in row):
             row["error"] = errors[0] if errors else "failed on another rank"
@@ -84,6 +93,14 @@ def _table(rows: list[Row]) -> str:
     head += f"{'staging MB':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.get("workload") == "interference" and "error" not in r:
+            drop = f"  drop {r['drop'] * 100:.1f}%" if "drop" in r else ""
+            during = f"  ({r['GBps_during']:.0f} GB/s moving)" if "GBps_during" in r else ""
+            lines.append(
+                f"{'interference':<14}{r['variant'][:33]:<34}"
+                f"matmul {r['TFLOPs']:.0f} TFLOP/s{drop}{during}"
+            )
+            continue
         if "error" in r:
             lines.append(f"{r['workload']:<14}{r['variant']:<34} FAILED: {r['error'][:60]}")
             continue
@@ -159,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
     }
     print(_table(rows))
+    for r in rows:
+        if "phases_ms" in r:
+            parts = "  ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
+            print(f"phases (ms, rank 0) {r['workload']} {r['variant']}: {parts}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -16,7 +16,7 @@ import aeplb
 from . import _workloads as wl
 from ._rank import Bench, Row
 
-GPU_BACKENDS = "nccl,pynccl,gloo"
+GPU_BACKENDS = "ipc,nccl,pynccl,gloo"
 CPU_BACKENDS = "gloo"
 
 
@@ -39,6 +39,10 @@ def workload_list(args: argparse.Namespace, peers: int) -> list[wl.Workload]:
     for name in args.workloads.split(","):
         if name == "eplb":
             out.append(wl.eplb(args.experts * peers, peers))
+        elif name == "interference":
+            out.append(
+                wl.Workload("interference", wl.eplb(args.experts * peers, peers).shapes, wl.fp8())
+            )
         elif name == "many-small":
             out.append(wl.many_small())
         elif name == "sweep":
@@ -69,6 +73,11 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
             }
         )
         for w in workload_list(args, world - 1):
+            if w.name == "interference":
+                if bench.cuda:
+                    bench.progress("interference: matmul alone and during transfers")
+                    rows.extend(await bench.interference(w, backends))
+                continue
             sweep = w.name.startswith("sweep")
             bench.progress(f"{w.name}: raw")
             rows.append(await bench.raw(w))

@@ -162,6 +162,7 @@ class Bench:
         times, cpu = [], []
         queue_ms: list[float] = []
         check_ms: list[float] = []
+        phases: list[dict[str, float]] = []
         stall = (0.0, 0.0)
         stalls_max, stalls_p99 = [], []
         for i in range(self.warmup + self.reps):
@@ -178,6 +179,7 @@ class Bench:
             self.ticker.begin()
             stats = await comm.execute()
             check_ms.append(stats.check_seconds * 1e3)
+            phases.append(dict(getattr(comm._transport, "phases", {})))
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             stall = self.ticker.end()
             queue_ms.append((tq - t0) * 1e3)
@@ -195,7 +197,117 @@ class Bench:
         row["options"] = {k: v for k, v in options.items() if k != "timeout"}
         row["queue_ms"] = statistics.median(queue_ms[self.warmup :])
         row["check_ms"] = statistics.median(check_ms[self.warmup :])
+        timed = [p for p in phases[self.warmup :] if p]
+        if timed:  # where the worker's time went (ipc)
+            row["phases_ms"] = {
+                key: statistics.median(p[key] for p in timed) * 1e3 for key in timed[0]
+            }
         return row
+
+    async def interference(
+        self, w: Workload, variants: list[tuple[str, str, dict[str, Any]]]
+    ) -> list[Row]:
+        """bf16 matmul throughput alone, and while each variant moves ``w`` back to back.
+
+        The matmuls run on the default stream and are timed with CUDA events; the batches
+        keep running until after the matmuls end, so the whole timed window overlaps
+        transfers. "Alone" is measured before and after, against clock drift.
+        """
+        n, k = 8192, 60
+        a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+
+        def launch() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            for _ in range(k):
+                a @ a
+            end.record()
+            return start, end
+
+        def tflops(events: tuple[torch.cuda.Event, torch.cuda.Event]) -> float:
+            ms: float = events[0].elapsed_time(events[1])
+            return k * 2 * n**3 / (ms / 1e3) / 1e12
+
+        async def alone() -> float:
+            rates = []
+            for _ in range(3):
+                events = launch()
+                await anyio.to_thread.run_sync(events[1].synchronize)
+                rates.append(tflops(events))
+            return statistics.median(rates)
+
+        async def measure(label: str, backend: str, options: dict[str, Any], before: float) -> Row:
+            comm = aeplb.create_communicator(backend, device=self.device, **options)
+            sends, recvs = self.tensors(w)
+            t0 = time.perf_counter()
+            await self._pump(comm, sends, recvs, 3)
+            per_batch = (time.perf_counter() - t0) / 3
+            window = k * 2 * n**3 / (before * 1e12)
+            # rank 0 decides how many batches: every rank must run exactly as many
+            plan = torch.tensor([int(window / per_batch * 1.5) + 8, int(per_batch * 1e6)])
+            dist.broadcast(plan, 0, group=self.cpu_group)
+            count, per_batch = int(plan[0]), int(plan[1]) / 1e6
+            self.sync()
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, comm, sends, recvs, count)
+                await anyio.sleep(per_batch * 2)
+                events = launch()
+                await anyio.to_thread.run_sync(events[1].synchronize)
+                matmul_end = time.perf_counter()
+            pump_end = time.perf_counter()
+            self.verify(w, recvs)
+            await comm.aclose()
+            during = tflops(events)
+            return {
+                "workload": "interference",
+                "variant": label,
+                "TFLOPs": during,
+                "TFLOPs_alone": before,
+                "drop": 1 - during / before,
+                "batches": count,
+                "GBps_during": count * w.bytes_per_peer / (pump_end - t0) / 1e9,
+                "transfers_outlasted_matmul_s": pump_end - matmul_end,
+            }
+
+        await alone()  # warm the clocks
+        self.sync()
+        before = await alone()
+        rows: list[Row] = []
+        for label, backend, options in variants:
+            if backend == "gloo":
+                continue
+            try:
+                rows.append(await measure(label, backend, options, before))
+            except aeplb.AEPLBError as exc:
+                rows.append({"workload": "interference", "variant": label, "error": repr(exc)})
+        after = await alone()
+        rows.insert(
+            0,
+            {
+                "workload": "interference",
+                "variant": "matmul alone",
+                "TFLOPs": before,
+                "TFLOPs_after": after,
+            },
+        )
+        return rows
+
+    async def _pump(
+        self,
+        comm: aeplb.Communicator,
+        sends: dict[int, list[torch.Tensor]],
+        recvs: dict[int, list[torch.Tensor]],
+        count: int,
+    ) -> None:
+        for _ in range(count):
+            for p in self.peers:
+                for t in sends[p]:
+                    comm.add_send(t, p)
+                for t in recvs[p]:
+                    comm.add_recv(t, p)
+            await comm.execute()
 
 
 def _row(

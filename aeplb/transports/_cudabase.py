@@ -24,6 +24,9 @@ class CudaTransport(Transport):
     caching allocator cannot hand their memory out while the transfer runs.
     """
 
+    # NCCL work can be enqueued on the thread that calls execute() (enqueue_on="caller").
+    can_enqueue_on_caller = True
+
     def __init__(
         self,
         rank: int,

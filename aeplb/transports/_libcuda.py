@@ -1,0 +1,192 @@
+"""Thin ctypes binding to the CUDA driver (libcuda): the IPC and copy subset.
+
+torch exposes interprocess events but not interprocess memory handles for arbitrary
+pointers, nor a way to copy between raw device pointers without a tensor on the peer's
+device (which would create a CUDA context on the peer's GPU in this process). The driver
+API does both, from the primary context torch already uses.
+
+Nothing here loads libcuda at import time; everything fails on first use with
+``BackendUnavailableError`` instead. Pointers and streams are plain ints
+(``tensor.data_ptr()``, ``torch.cuda.Stream.cuda_stream``). ctypes releases the GIL around
+every foreign call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .._exceptions import BackendUnavailableError
+
+_SONAME: Final = "libcuda.so.1"
+IPC_HANDLE_BYTES: Final = 64
+
+CUDA_SUCCESS: Final = 0
+CUDA_ERROR_ALREADY_MAPPED: Final = 208
+CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: Final = 1
+
+# CUpointer_attribute (cuda.h)
+_ATTR_BUFFER_ID: Final = 7
+_ATTR_IS_LEGACY_CUDA_IPC_CAPABLE: Final = 10
+_ATTR_RANGE_START_ADDR: Final = 11
+_ATTR_RANGE_SIZE: Final = 12
+
+
+class CUDAError(RuntimeError):
+    """Raised when a driver call fails; ``code`` is the CUresult."""
+
+    def __init__(self, call: str, code: int, text: str) -> None:
+        super().__init__(f"{call} failed: {text} (CUresult {code})")
+        self.code = code
+
+
+class _IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """The driver allocation a pointer lies in."""
+
+    buffer_id: int  # unique within the owning process's lifetime
+    base: int
+    size: int
+    ipc_capable: bool
+
+
+class Driver:
+    """The loaded libcuda, one per process."""
+
+    _instance: Driver | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        try:
+            self._lib = ctypes.CDLL(_SONAME)
+        except OSError as exc:
+            raise BackendUnavailableError(
+                f"backend='ipc' needs the CUDA driver library {_SONAME}, which could not be "
+                f"loaded ({exc}); it ships with the NVIDIA driver"
+            ) from exc
+        self._fn: dict[str, Any] = {}
+        self._context_ready = threading.local()
+        self._call("cuInit", ctypes.c_uint(0))
+
+    @classmethod
+    def get(cls) -> Driver:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def _function(self, name: str) -> Any:
+        fn = self._fn.get(name)
+        if fn is None:
+            try:
+                fn = getattr(self._lib, name)
+            except AttributeError as exc:
+                raise BackendUnavailableError(
+                    f"the CUDA driver here has no {name}; update the NVIDIA driver"
+                ) from exc
+            fn.restype = ctypes.c_int
+            self._fn[name] = fn
+        return fn
+
+    def _call(self, name: str, *args: Any) -> None:
+        code = self._function(name)(*args)
+        if code != CUDA_SUCCESS:
+            raise CUDAError(name, code, self.error_string(code))
+
+    def error_string(self, code: int) -> str:
+        text = ctypes.c_char_p()
+        try:
+            self._lib.cuGetErrorString(ctypes.c_int(code), ctypes.byref(text))
+        except Exception:  # pragma: no cover - the lookup itself must never mask the error
+            return "unknown error"
+        return text.value.decode() if text.value else "unknown error"
+
+    def use_primary_context(self, ordinal: int) -> None:
+        """Makes ``ordinal``'s primary context (torch's) current on this thread."""
+        done: set[int] = getattr(self._context_ready, "ordinals", set())
+        if ordinal in done:
+            return
+        device = ctypes.c_int()
+        self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(ordinal))
+        ctx = ctypes.c_void_p()
+        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), device)
+        self._call("cuCtxSetCurrent", ctx)
+        self._context_ready.ordinals = done | {ordinal}
+
+    @contextlib.contextmanager
+    def pushed_context(self, ordinal: int) -> Iterator[None]:
+        """Makes ``ordinal``'s primary context current for a moment, restoring the caller's."""
+        device = ctypes.c_int()
+        self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(ordinal))
+        ctx = ctypes.c_void_p()
+        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), device)
+        self._call("cuCtxPushCurrent_v2", ctx)
+        try:
+            yield
+        finally:
+            popped = ctypes.c_void_p()
+            self._call("cuCtxPopCurrent_v2", ctypes.byref(popped))
+            self._call("cuDevicePrimaryCtxRelease_v2", device)
+
+    def allocation(self, ptr: int) -> Allocation:
+        """Where ``ptr`` lies: one driver call for all four attributes."""
+        scratch = getattr(self._context_ready, "scratch", None)
+        if scratch is None:
+            attrs = (ctypes.c_int * 4)(
+                _ATTR_BUFFER_ID,
+                _ATTR_RANGE_START_ADDR,
+                _ATTR_RANGE_SIZE,
+                _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE,
+            )
+            values = (ctypes.c_uint64 * 4)()
+            data = (ctypes.c_void_p * 4)(*(ctypes.addressof(values) + 8 * i for i in range(4)))
+            fn = self._function("cuPointerGetAttributes")
+            scratch = self._context_ready.scratch = (attrs, values, data, fn)
+        attrs, values, data, fn = scratch
+        # 8 zeroed bytes each: the capable flag is written as a 1-byte bool or an int
+        ctypes.memset(values, 0, 32)
+        code = fn(4, attrs, data, ctypes.c_uint64(ptr))
+        if code != CUDA_SUCCESS:
+            raise CUDAError("cuPointerGetAttributes", code, self.error_string(code))
+        return Allocation(values[0], values[1], values[2], bool(values[3] & 0xFF))
+
+    def ipc_handle(self, base: int) -> bytes:
+        handle = _IpcMemHandle()
+        self._call("cuIpcGetMemHandle", ctypes.byref(handle), ctypes.c_uint64(base))
+        return ctypes.string_at(ctypes.addressof(handle), IPC_HANDLE_BYTES)  # NULs included
+
+    def ipc_open(self, handle: bytes) -> int:
+        """Maps a peer's allocation into this context; returns its address here."""
+        if len(handle) != IPC_HANDLE_BYTES:
+            raise ValueError(f"an IPC memory handle has {IPC_HANDLE_BYTES} bytes")
+        raw = _IpcMemHandle()
+        ctypes.memmove(ctypes.addressof(raw), handle, IPC_HANDLE_BYTES)
+        ptr = ctypes.c_uint64()
+        self._call(
+            "cuIpcOpenMemHandle_v2",
+            ctypes.byref(ptr),
+            raw,
+            ctypes.c_uint(CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+        )
+        return ptr.value
+
+    def ipc_close(self, ptr: int) -> None:
+        self._call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+
+    def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Device-to-device copy on ``stream``; across GPUs it runs on the copy engines."""
+        fn = self._fn.get("cuMemcpyDtoDAsync_v2")
+        if fn is None:
+            fn = self._function("cuMemcpyDtoDAsync_v2")
+            fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+        code = fn(dst, src, nbytes, stream)
+        if code != CUDA_SUCCESS:
+            raise CUDAError("cuMemcpyDtoDAsync_v2", code, self.error_string(code))

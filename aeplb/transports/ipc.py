@@ -1,0 +1,574 @@
+"""Copy-engine transport: ranks on one node move data with CUDA IPC, running no kernel.
+
+Each receiver tells each sender, through a shared-memory mailbox, where its receive buffers
+are (the allocation's IPC handle, sent once per allocation and cached by the sender, plus an
+offset) and records an interprocess "ready" event on its stream. The sender waits for that
+event on its copy stream, copies straight into the receiver's memory with asynchronous
+device-to-device memcpy (the copy engines, over NVLink), records an interprocess "done"
+event and says so through the mailbox; the receiver's stream waits for that event. The host
+never synchronizes a stream and no SM runs transfer code. Ranks on other nodes go through
+NCCL in the same batch.
+
+The receiver's descriptors carry byte counts, so a sender never writes past a buffer even
+with ``check_peers=False``: op lists that do not pair up raise PeerMismatchError on both
+sides instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import _cuda
+from .._exceptions import BackendUnavailableError, InvalidTransferError, PeerMismatchError
+from .._ops import Op, OpKind, PreparedBatch
+from ._cudabase import CudaTransport
+from ._libcuda import IPC_HANDLE_BYTES, Allocation, CUDAError, Driver
+from ._mailbox import Mailbox
+from ._packing import WireOp
+
+_GATHER, _DESC, _DONE = 0, 1, 2
+_CAPACITIES = (64 << 10, 1 << 20, 4 << 10)
+_OK, _MISMATCH = 0, 1
+_SHM_DIR = "/dev/shm"
+# Copies spread over this many streams run on several copy engines at once.
+DEFAULT_COPY_STREAMS = 4
+# Mappings of one peer's allocations kept open; older ones are closed first.
+_MAX_MAPPINGS_PER_PEER = 4096
+
+
+def _node_key() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+class _Allocations:
+    """The allocations of one receiver that one sender has a mapping of.
+
+    The receiver keeps one of these per sender and the sender one per receiver, and both
+    update it with the same calls in the same order (the receiver's descriptor rows), so
+    they agree on which handles the sender already holds without a round trip.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, list[int]] = {}  # buffer id -> [base, size, last batch]
+
+    def touch(self, buffer_id: int, base: int, size: int, batch: int) -> tuple[bool, list[int]]:
+        """Notes a use; returns (is it new, buffer ids dropped to make room)."""
+        entry = self.entries.get(buffer_id)
+        if entry is not None:
+            entry[2] = batch
+            return False, []
+        # A new allocation over an old one's range means the old one was freed there.
+        dropped = [
+            bid for bid, (b, n, _) in self.entries.items() if b < base + size and base < b + n
+        ]
+        for bid in dropped:
+            del self.entries[bid]
+        if len(self.entries) >= _MAX_MAPPINGS_PER_PEER:
+            idle = [bid for bid, e in self.entries.items() if e[2] != batch]
+            if idle:
+                oldest = min(idle, key=lambda bid: self.entries[bid][2])
+                del self.entries[oldest]
+                dropped.append(oldest)
+        self.entries[buffer_id] = [base, size, batch]
+        return True, dropped
+
+
+@dataclass
+class _Peer:
+    """Another rank on this node."""
+
+    rank: int  # within the group
+    index: int  # within the node's mailbox
+    pid: int
+    ready: torch.cuda.Event
+    done: torch.cuda.Event
+    theirs: _Allocations = field(default_factory=_Allocations)  # mapped here
+    mine: _Allocations = field(default_factory=_Allocations)  # mapped there
+    mapped: dict[int, int] = field(default_factory=dict)  # their buffer id -> pointer here
+
+
+@dataclass
+class Node:
+    """What :func:`connect` set up: the mailbox, events and peers of this node."""
+
+    mailbox: Mailbox
+    ready: torch.cuda.Event
+    done: torch.cuda.Event
+    peers: dict[int, _Peer]  # by group rank
+
+
+def _gather(obj: object, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size(group)
+    with torch.cuda.device(device):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def connect(
+    group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device
+) -> Node | None:
+    """Sets up IPC with the other ranks on this node; collective over ``group``.
+
+    Returns None when this rank has no other rank on its node. Raises
+    BackendUnavailableError, identically on every rank, when any rank cannot use IPC.
+    """
+    problem = ""
+    probe = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    ready = done = None
+    mine: dict[str, Any] = {
+        "node": _node_key(),
+        "pidns": _pid_namespace(),
+        "pid": os.getpid(),
+        "token": uuid.uuid4().hex,
+    }
+    try:
+        driver = Driver.get()
+        with torch.cuda.device(device):
+            driver.use_primary_context(device.index or 0)
+            alloc = driver.allocation(probe.data_ptr())
+            if not alloc.ipc_capable:
+                raise BackendUnavailableError(
+                    "this process's CUDA memory cannot be shared by IPC handle (is "
+                    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set?)"
+                )
+            mine["probe"] = (driver.ipc_handle(alloc.base), probe.data_ptr() - alloc.base)
+            ready = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
+            done = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
+            ready.record()
+            done.record()
+            mine["events"] = (ready.ipc_handle(), done.ipc_handle())  # type: ignore[no-untyped-call]
+    except (BackendUnavailableError, CUDAError, RuntimeError) as exc:
+        problem = f"rank {rank}: {exc}"
+    infos = _gather((mine, problem), group, device)
+    _raise_problems([p for _, p in infos])
+    local = [r for r in range(world_size) if infos[r][0]["node"] == mine["node"]]
+    alone = len(local) == 1
+    index = local.index(rank)
+    path = os.path.join(_SHM_DIR, f"aeplb-{infos[local[0]][0]['token']}")
+    # Every rank takes part in every gather below, alone on its node or not.
+    try:
+        # Opening every local peer's probe proves IPC and peer access work between us.
+        for r in local:
+            if r != rank:
+                ptr = driver.ipc_open(infos[r][0]["probe"][0])
+                driver.ipc_close(ptr)
+        if index == 0 and not alone:
+            Mailbox.create(path, _CAPACITIES, len(local))
+    except (CUDAError, OSError) as exc:
+        problem = f"rank {rank}: {exc}"
+    _raise_problems(_gather(problem, group, device))
+    mailbox = None
+    if not alone:
+        same_pids = all(infos[r][0]["pidns"] == mine["pidns"] for r in local)
+        pids = [infos[r][0]["pid"] for r in local]
+
+        def alive(peer: int) -> bool:
+            if not same_pids:
+                return True  # another container's pids mean nothing here
+            try:
+                os.kill(pids[peer], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+            return True
+
+        try:
+            mailbox = Mailbox(path, index, _CAPACITIES, len(local), alive)
+        except OSError as exc:
+            problem = f"rank {rank}: cannot map {path}: {exc}"
+    problems = _gather(problem, group, device)
+    if index == 0 and not alone:
+        try:
+            os.unlink(path)  # every rank has it mapped (or failed); nothing to leak on a crash
+        except OSError:
+            pass
+    _raise_problems(problems)
+    del probe
+    if mailbox is None:
+        return None
+    assert ready is not None and done is not None
+    peers = {}
+    for r in local:
+        if r == rank:
+            continue
+        ready_handle, done_handle = infos[r][0]["events"]
+        peers[r] = _Peer(
+            rank=r,
+            index=local.index(r),
+            pid=infos[r][0]["pid"],
+            ready=_open_event(device, ready_handle),
+            done=_open_event(device, done_handle),
+        )
+    return Node(mailbox, ready, done, peers)
+
+
+def _open_event(device: torch.device, handle: bytes) -> torch.cuda.Event:
+    event: torch.cuda.Event = torch.cuda.Event.from_ipc_handle(device, handle)  # type: ignore[no-untyped-call]
+    return event
+
+
+def _raise_problems(problems: list[str]) -> None:
+    problems = [p for p in problems if p]
+    if problems:
+        raise BackendUnavailableError(
+            "backend='ipc' cannot run on this group: " + "; ".join(problems[:4])
+        )
+
+
+# -- descriptors: what a receiver tells a sender ---------------------------------------
+
+_DESC_HEAD = struct.Struct("<qq")  # ops, new allocations
+_NEW = struct.Struct(f"<qqq{IPC_HANDLE_BYTES}s")  # buffer id, base, size, handle
+
+
+def _encode(ops: np.ndarray, new: list[tuple[int, int, int, bytes]]) -> bytes:
+    parts = [_DESC_HEAD.pack(len(ops), len(new)), ops.tobytes()]
+    parts.extend(_NEW.pack(*entry) for entry in new)
+    return b"".join(parts)
+
+
+def _refusal(reason: str) -> bytes:
+    """A descriptor saying this rank cannot receive by IPC in this batch, and why."""
+    return _DESC_HEAD.pack(-1, 0) + reason.encode()
+
+
+def _decode(
+    data: bytes,
+) -> tuple[str | None, np.ndarray, list[tuple[int, int, int, bytes]]]:
+    """(refusal or None, [ops, 3] table, new allocations)."""
+    n_ops, n_new = _DESC_HEAD.unpack_from(data)
+    pos = _DESC_HEAD.size
+    if n_ops < 0:
+        return data[pos:].decode(errors="replace"), np.zeros((0, 3), dtype=np.int64), []
+    ops = np.frombuffer(data, dtype=np.int64, count=3 * n_ops, offset=pos).reshape(n_ops, 3)
+    pos += 24 * n_ops
+    new = [_NEW.unpack_from(data, pos + i * _NEW.size) for i in range(n_new)]
+    return None, ops, new
+
+
+class IPCTransport(CudaTransport):
+    name = "ipc"
+    can_enqueue_on_caller = False
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        node: Node | None,
+        remote: CudaTransport | None,
+        copy_streams: int = DEFAULT_COPY_STREAMS,
+    ) -> None:
+        if isinstance(copy_streams, bool) or not isinstance(copy_streams, int) or copy_streams < 1:
+            raise InvalidTransferError(f"copy_streams must be an int >= 1, got {copy_streams!r}")
+        super().__init__(rank, world_size, device, coalesce=False)
+        self._node = node
+        self._peers = node.peers if node is not None else {}
+        self._remote = remote
+        self._driver = Driver.get()
+        self._n_copy_streams = copy_streams
+        self._copy_streams: list[torch.cuda.Stream] = []
+        self._batches = 0
+        # my allocations: buffer id -> IPC handle (exported once)
+        self._handles: dict[int, bytes] = {}
+        # seconds spent in each phase of the last batch, for benchmarks
+        self.phases: dict[str, float] = {}
+
+    @property
+    def local_ranks(self) -> list[int]:
+        """Group ranks this rank reaches by IPC (other than itself)."""
+        return sorted(self._peers)
+
+    def enter_thread(self) -> None:
+        super().enter_thread()
+        self._driver.use_primary_context(self.device.index or 0)
+
+    def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
+        if self._remote is not None:
+            return self._remote.all_gather(local, deadline)
+        assert self._node is not None
+        mailbox = self._node.mailbox
+        data = local.contiguous().numpy().tobytes()
+        indices = [peer.index for peer in self._peers.values()]
+        got = mailbox.exchange(_GATHER, dict.fromkeys(indices, data), indices, deadline)
+        out = torch.empty((self.world_size, *local.shape), dtype=local.dtype)
+        out[self.rank] = local
+        for peer in self._peers.values():
+            row = torch.frombuffer(bytearray(got[peer.index]), dtype=local.dtype)
+            out[peer.rank] = row.view(local.shape)
+        return out
+
+    def gather_into(self, mine: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover
+        raise AssertionError("all_gather goes through the mailbox or the remote transport")
+
+    def post_group(self, ops: list[WireOp]) -> None:  # pragma: no cover
+        raise AssertionError("network ops go through IPC or the remote transport")
+
+    def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
+        t0 = time.perf_counter()
+        self.enter_thread()
+        self._batches += 1
+        stream = self.stream()
+        if not self._copy_streams:
+            self._copy_streams = [
+                _cuda.new_stream(self.device) for _ in range(self._n_copy_streams)
+            ]
+        sends: dict[int, list[Op]] = defaultdict(list)
+        recvs: dict[int, list[Op]] = defaultdict(list)
+        remote_ops = []
+        for op in batch.ops:
+            if op.peer not in self._peers:
+                remote_ops.append(op)
+            else:
+                (sends if op.kind is OpKind.SEND else recvs)[op.peer].append(op)
+        node = self._node
+        problems: list[str] = []
+        rejected: list[str] = []
+        with torch.cuda.stream(stream):
+            if isinstance(ready, torch.cuda.Event):
+                stream.wait_event(ready)
+            for src, dst in batch.copies:
+                dst.view(-1).copy_(src.view(-1), non_blocking=True)
+            if node is not None:
+                node.ready.record(stream)
+                for cs in self._copy_streams:
+                    cs.wait_event(node.ready)
+                descs = {
+                    peer.index: self._describe(peer, recvs.get(peer.rank, []), rejected)
+                    for peer in self._peers.values()
+                }
+            if remote_ops:
+                assert self._remote is not None
+                self._remote.launch(PreparedBatch(ops=remote_ops), stream)
+        t1 = time.perf_counter()
+        t2 = t3 = t1
+        if node is not None:
+            indices = [peer.index for peer in self._peers.values()]
+            theirs = node.mailbox.exchange(_DESC, descs, indices, deadline)
+            t2 = time.perf_counter()
+            replies = self._send_all(node, sends, theirs, problems)
+            t3 = time.perf_counter()
+            # every pair replies, so a mismatch is reported on both of its ranks
+            statuses = node.mailbox.exchange(_DONE, replies, indices, deadline)
+            stream.wait_stream(self._copy_streams[0])
+            for peer in self._peers.values():
+                reply = statuses[peer.index]
+                if reply[0] != _OK:
+                    problems.append(reply[1:].decode(errors="replace"))
+                elif peer.rank in recvs:
+                    stream.wait_event(peer.done)
+        t4 = time.perf_counter()
+        finished = _cuda.new_event()
+        finished.record(stream)
+        self.wait(finished, deadline)
+        t5 = time.perf_counter()
+        self.phases = {
+            "describe": t1 - t0,
+            "exchange": t2 - t1,
+            "enqueue_copies": t3 - t2,
+            "replies": t4 - t3,
+            "gpu_wait": t5 - t4,
+        }
+        if rejected:
+            raise InvalidTransferError(rejected[0])
+        if problems:
+            raise PeerMismatchError(
+                f"send/recv lists do not pair up (seen on rank {self.rank}): "
+                + "; ".join(problems[:8])
+                + ". Pairs that matched were transferred; others were not touched. Each "
+                "add_send(t, dst) needs a matching add_recv on dst, queued in the same "
+                "order with the same size."
+            )
+
+    def _describe(self, peer: _Peer, ops: list[Op], rejected: list[str]) -> bytes:
+        """Where ``peer`` should write what it sends here: (buffer id, offset, bytes) per op."""
+        rows: list[tuple[int, Allocation, int, int]] = []  # (op index, allocation, ptr, bytes)
+        # Receive tensors are alive, so an address inside an allocation seen in this batch
+        # belongs to that allocation: one driver query per allocation, not per tensor.
+        last: Allocation | None = None
+        seen: list[Allocation] = []
+        for i, op in enumerate(ops):
+            nbytes = op.nbytes
+            if not nbytes:
+                continue
+            ptr = op.tensor.data_ptr()
+            alloc = last
+            if alloc is None or not alloc.base <= ptr < alloc.base + alloc.size:
+                alloc = next((a for a in seen if a.base <= ptr < a.base + a.size), None)
+                if alloc is None:
+                    alloc = self._driver.allocation(ptr)
+                    if not alloc.ipc_capable:
+                        rejected.append(
+                            f"add_recv: tensor {i} from rank {peer.rank} lies in memory that "
+                            "CUDA IPC cannot share (PYTORCH_CUDA_ALLOC_CONF="
+                            "expandable_segments:True or a custom allocator); receive into "
+                            "tensors from the default CUDA caching allocator or use "
+                            "backend='nccl'. Nothing moved from that rank."
+                        )
+                        return _refusal(rejected[-1])
+                    seen.append(alloc)
+                last = alloc
+            rows.append((i, alloc, ptr, nbytes))
+        table = np.zeros((len(ops), 3), dtype=np.int64)
+        new: list[tuple[int, int, int, bytes]] = []
+        for i, alloc, ptr, nbytes in rows:
+            is_new, _ = peer.mine.touch(alloc.buffer_id, alloc.base, alloc.size, self._batches)
+            if is_new:
+                new.append((alloc.buffer_id, alloc.base, alloc.size, self._handle(alloc)))
+            table[i] = (alloc.buffer_id, ptr - alloc.base, nbytes)
+        return _encode(table, new)
+
+    def _handle(self, alloc: Allocation) -> bytes:
+        handle = self._handles.get(alloc.buffer_id)
+        if handle is None:
+            if len(self._handles) >= _MAX_MAPPINGS_PER_PEER:
+                self._handles.clear()  # only a cache: a handle can be fetched again
+            handle = self._handles[alloc.buffer_id] = self._driver.ipc_handle(alloc.base)
+        return handle
+
+    def _apply(
+        self, peer: _Peer, table: np.ndarray, new: list[tuple[int, int, int, bytes]]
+    ) -> None:
+        """Mirrors the receiver's cache updates: opens new mappings, closes dropped ones."""
+        announced = {bid: (base, size, handle) for bid, base, size, handle in new}
+        for bid, _, nbytes in table.tolist():
+            if not nbytes:
+                continue
+            if bid in peer.theirs.entries:
+                peer.theirs.touch(bid, 0, 0, self._batches)
+                continue
+            if bid not in announced:
+                raise RuntimeError(
+                    f"rank {peer.rank} referred to allocation {bid} without its handle; "
+                    "the IPC caches of the two ranks disagree"
+                )
+            base, size, handle = announced[bid]
+            _, dropped = peer.theirs.touch(bid, base, size, self._batches)
+            for old in dropped:
+                self._driver.ipc_close(peer.mapped.pop(old))
+            peer.mapped[bid] = self._driver.ipc_open(handle)
+
+    def _send_all(
+        self,
+        node: Node,
+        sends: dict[int, list[Op]],
+        descs: dict[int, bytes],
+        problems: list[str],
+    ) -> dict[int, bytes]:
+        """Queues the copies the peers' descriptors ask for; returns the replies owed."""
+        streams = self._copy_streams
+        queued = [0] * len(streams)
+        replies: dict[int, bytes] = {}
+        for peer in self._peers.values():
+            refusal, table, new = _decode(descs[peer.index])
+            mine = sends.get(peer.rank, [])
+            if refusal is not None:
+                problem = f"rank {peer.rank} cannot receive by IPC: {refusal}"
+                problems.append(problem)
+                replies[peer.index] = bytes([_MISMATCH]) + problem.encode()
+                continue
+            sizes = np.fromiter((op.nbytes for op in mine), dtype=np.int64, count=len(mine))
+            self._apply(peer, table, new)
+            if len(mine) != len(table) or not np.array_equal(sizes, table[:, 2]):
+                problem = (
+                    f"rank {self.rank} sends {len(mine)} tensor(s) ({int(sizes.sum())} bytes) "
+                    f"to rank {peer.rank}, which expects {len(table)} "
+                    f"({int(table[:, 2].sum())} bytes)"
+                )
+                problems.append(problem)
+                replies[peer.index] = bytes([_MISMATCH]) + problem.encode()
+                continue
+            replies[peer.index] = bytes([_OK])
+            if not mine:
+                continue
+            copies = _merged(
+                [
+                    (
+                        peer.mapped[bid] + offset,
+                        op.tensor.data_ptr(),
+                        nbytes,
+                        (bid, op.tensor.untyped_storage().data_ptr()),
+                    )
+                    for op, (bid, offset, nbytes) in zip(mine, table.tolist(), strict=True)
+                    if nbytes
+                ]
+            )
+            waited = [False] * len(streams)
+            for dst, src, nbytes in copies:
+                # the least loaded stream: large copies spread over several copy engines
+                k = min(range(len(streams)), key=queued.__getitem__)
+                if not waited[k]:
+                    streams[k].wait_event(peer.ready)
+                    waited[k] = True
+                self._driver.copy_async(dst, src, nbytes, streams[k].cuda_stream)
+                queued[k] += nbytes
+        for cs in streams[1:]:
+            streams[0].wait_stream(cs)
+        node.done.record(streams[0])
+        return replies
+
+    def abort(self) -> None:
+        if self._remote is not None:
+            self._remote.abort()
+
+    def close(self) -> None:
+        self.enter_thread()
+        for cs in self._copy_streams:
+            cs.synchronize()
+        self.stream().synchronize()
+        for peer in self._peers.values():
+            for ptr in peer.mapped.values():
+                try:
+                    self._driver.ipc_close(ptr)
+                except CUDAError:
+                    pass
+            peer.mapped.clear()
+        if self._node is not None:
+            self._node.mailbox.close()
+        if self._remote is not None:
+            self._remote.close()
+
+
+def _merged(
+    copies: list[tuple[int, int, int, tuple[int, int]]],
+) -> list[tuple[int, int, int]]:
+    """Joins copies whose source and destination both continue the previous one's.
+
+    Only within one allocation on each side (the key: destination buffer id, source
+    storage): a copy may not span two allocations, even ones mapped back to back.
+    """
+    out: list[tuple[int, int, int]] = []
+    last_key: tuple[int, int] | None = None
+    for dst, src, n, key in copies:
+        if out and key == last_key:
+            pdst, psrc, pn = out[-1]
+            if pdst + pn == dst and psrc + pn == src:
+                out[-1] = (pdst, psrc, pn + n)
+                continue
+        out.append((dst, src, n))
+        last_key = key
+    return out

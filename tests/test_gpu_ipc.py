@@ -1,0 +1,179 @@
+"""The ipc (copy-engine) backend on real GPUs: what the shared transport tests do not cover.
+
+Skipped without GPUs; AEPLB_REQUIRE_GPU=1 turns the skips into failures.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import aeplb
+
+from .conftest import require_gpu
+from .multirank import RankPool
+from .payloads import seed_of
+from .test_gpu_transports import PG, gpu_payload, poisoned, same_bytes
+
+pytestmark = pytest.mark.gpu
+
+
+async def allocation_churn(rank: int, world: int) -> list[int]:
+    """Fresh receive buffers every batch, freed segments and reused addresses."""
+    peer = 1 - rank
+    rng = random.Random(5)  # the same sizes on both ranks
+    mapped: list[int] = []
+    async with aeplb.create_communicator("ipc", timeout=60) as comm:
+        for step in range(40):
+            sizes = [rng.choice([1, 1000, 300_000, 3 << 20, 9 << 20]) for _ in range(6)]
+            bufs = []
+            for i, n in enumerate(sizes):
+                comm.add_send(gpu_payload(seed_of(rank, peer, i, step), (n,), torch.bfloat16), peer)
+                buf = poisoned((n,), torch.bfloat16)
+                comm.add_recv(buf, peer)
+                bufs.append(buf)
+            await comm.execute()
+            for i, (n, buf) in enumerate(zip(sizes, bufs, strict=True)):
+                want = gpu_payload(seed_of(peer, rank, i, step), (n,), torch.bfloat16)
+                same_bytes(buf, want, f"step {step} tensor {i}")
+            del bufs
+            if step % 4 == 3:
+                torch.cuda.empty_cache()  # segments go back to the driver; addresses recur
+            mapped.append(len(comm._transport._peers[peer].mapped))  # type: ignore[attr-defined]
+    return mapped
+
+
+async def mismatch_unchecked(rank: int, world: int) -> None:
+    """check_peers=False: the descriptors still stop a write past a receive buffer."""
+    peer = 1 - rank
+    async with aeplb.create_communicator("ipc", timeout=60, check_peers=False) as comm:
+        # same count, different sizes: rank 1's 50 elements sit before a canary
+        backing = poisoned((100,), torch.float32)
+        backing[50:] = 7.0
+        if rank == 0:
+            comm.add_send(gpu_payload(1, (100,), torch.float32), peer)
+        else:
+            comm.add_recv(backing[:50], peer)
+        with pytest.raises(aeplb.PeerMismatchError, match="sends 1 tensor"):
+            await comm.execute()
+        assert torch.all(backing[50:] == 7.0) and torch.all(backing[:50] == 0)
+        # different counts
+        if rank == 0:
+            comm.add_send(gpu_payload(2, (10,), torch.float32), peer)
+            comm.add_send(gpu_payload(3, (10,), torch.float32), peer)
+        else:
+            comm.add_recv(backing[:10], peer)
+        with pytest.raises(aeplb.PeerMismatchError):
+            await comm.execute()
+        assert torch.all(backing[:10] == 0)
+        # and the communicator still works
+        buf = poisoned((4096,), torch.float32)
+        comm.add_send(gpu_payload(seed_of(rank, peer, 9), (4096,), torch.float32), peer)
+        comm.add_recv(buf, peer)
+        await comm.execute()
+        same_bytes(buf, gpu_payload(seed_of(peer, rank, 9), (4096,), torch.float32))
+
+
+async def no_kernels(rank: int, world: int) -> list[str]:
+    """The profiler sees copies on the GPU during execute(), and no kernel at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    peer = 1 - rank
+    n = 64 << 20
+    async with aeplb.create_communicator("ipc", timeout=60) as comm:
+        sends = [gpu_payload(seed_of(rank, peer, i), (n,), torch.uint8) for i in range(3)]
+        bufs = [poisoned((n,), torch.uint8) for _ in range(3)]
+        for s, b in zip(sends, bufs, strict=True):
+            comm.add_send(s, peer)
+            comm.add_recv(b, peer)
+        await comm.execute()  # warm: handles exchanged and mapped
+        torch.cuda.synchronize()
+        for s, b in zip(sends, bufs, strict=True):
+            comm.add_send(s, peer)
+            comm.add_recv(b, peer)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            await comm.execute()
+            torch.cuda.synchronize()
+        for i, b in enumerate(bufs):
+            same_bytes(b, gpu_payload(seed_of(peer, rank, i), (n,), torch.uint8))
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert any("memcpy" in name.lower() for name in names), names
+    kernels = [name for name in names if "memcpy" not in name.lower()]
+    assert not kernels, f"kernels ran during an ipc transfer: {sorted(set(kernels))}"
+    return sorted(set(names))
+
+
+async def other_node(rank: int, world: int) -> list[int]:
+    """Ranks that look like they sit on different nodes go through NCCL, same API."""
+    from aeplb.transports import ipc
+
+    real = ipc._node_key
+    ipc._node_key = lambda: f"node-of-rank-{rank}"
+    try:
+        comm = aeplb.create_communicator("ipc", timeout=60)
+    finally:
+        ipc._node_key = real  # the rank process runs later tests too
+    peer = 1 - rank
+    async with comm:
+        assert comm.backend == "ipc"
+        local = comm._transport.local_ranks  # type: ignore[attr-defined]
+        bufs = []
+        for i in range(5):
+            comm.add_send(gpu_payload(seed_of(rank, peer, i), (777 + i,), torch.bfloat16), peer)
+            buf = poisoned((777 + i,), torch.bfloat16)
+            comm.add_recv(buf, peer)
+            bufs.append(buf)
+        await comm.execute()
+        for i, buf in enumerate(bufs):
+            same_bytes(buf, gpu_payload(seed_of(peer, rank, i), (777 + i,), torch.bfloat16))
+    return list(local)
+
+
+async def one_gpu_two_processes(rank: int, world: int) -> None:
+    """Two processes on one GPU over a Gloo-only group: IPC needs no NCCL at all."""
+    torch.cuda.set_device(0)  # earlier tests in this rank process may have picked another
+    peer = 1 - rank
+    async with aeplb.create_communicator("ipc", device="cuda:0", timeout=60) as comm:
+        bufs = []
+        for i in range(20):
+            comm.add_send(gpu_payload(seed_of(rank, peer, i), (50_000 + i,), torch.float32), peer)
+            buf = poisoned((50_000 + i,), torch.float32)
+            comm.add_recv(buf, peer)
+            bufs.append(buf)
+        await comm.execute()
+        for i, buf in enumerate(bufs):
+            want = gpu_payload(seed_of(peer, rank, i), (50_000 + i,), torch.float32)
+            same_bytes(buf, want, f"tensor {i}")
+
+
+@pytest.fixture
+def gpus2(world2: RankPool) -> RankPool:
+    require_gpu(2)
+    return world2
+
+
+def test_allocation_churn_keeps_mappings_bounded(gpus2: RankPool) -> None:
+    mapped = gpus2.run(allocation_churn, backend="asyncio", pg_backend=PG, timeout=240)
+    for per_rank in mapped:
+        print("MAPPED", per_rank)
+        assert max(per_rank) <= 64, per_rank
+
+
+def test_mismatch_without_manifest_writes_nothing(gpus2: RankPool) -> None:
+    gpus2.run(mismatch_unchecked, backend="asyncio", pg_backend=PG)
+
+
+def test_no_kernel_runs(gpus2: RankPool) -> None:
+    names = gpus2.run(no_kernels, backend="asyncio", pg_backend=PG, timeout=180)
+    print("CUDA ACTIVITY", names)
+
+
+def test_peers_on_other_nodes_use_nccl(gpus2: RankPool) -> None:
+    assert gpus2.run(other_node, backend="trio", pg_backend=PG) == [[], []]
+
+
+def test_two_processes_on_one_gpu(world2: RankPool) -> None:
+    require_gpu(1)
+    world2.run(one_gpu_two_processes, backend="asyncio", pg_backend="gloo")

@@ -1,0 +1,129 @@
+"""The ipc backend's host-side parts, on CPU: descriptors, the mirrored allocation cache,
+and the errors a machine without CUDA gives."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import aeplb
+from aeplb.transports.ipc import _Allocations, _decode, _encode, _merged, _refusal
+
+from .multirank import RankPool
+
+
+def test_descriptors_round_trip() -> None:
+    rng = random.Random(1)
+    table = np.array(
+        [
+            [rng.randrange(1 << 40), rng.randrange(1 << 30), rng.randrange(1 << 30)]
+            for _ in range(50)
+        ],
+        dtype=np.int64,
+    )
+    new = [
+        (rng.randrange(1 << 40), rng.randrange(1 << 47), 1 << 21, rng.randbytes(64))
+        for _ in range(7)
+    ]
+    refusal, got_table, got_new = _decode(_encode(table, new))
+    assert refusal is None
+    assert np.array_equal(got_table, table)
+    assert got_new == new
+    _, empty_table, empty_new = _decode(_encode(np.zeros((0, 3), dtype=np.int64), []))
+    assert empty_table.shape == (0, 3) and empty_new == []
+    refusal, no_table, no_new = _decode(_refusal("memory from expandable segments"))
+    assert refusal == "memory from expandable segments"
+    assert no_table.shape == (0, 3) and no_new == []
+
+
+def test_copies_merge_only_where_both_sides_continue() -> None:
+    same = (1, 1)
+    copies = [
+        (1000, 50, 10, same),
+        (1010, 60, 5, same),
+        (1015, 70, 5, same),
+        (2000, 75, 1, same),
+        (2001, 76, 4, same),
+        (2005, 80, 4, (2, 1)),  # continues on both sides, but into another allocation
+        (2009, 84, 4, (2, 9)),  # ... and from another source storage
+    ]
+    assert _merged(copies) == [
+        (1000, 50, 15),
+        (1015, 70, 5),
+        (2000, 75, 5),
+        (2005, 80, 4),
+        (2009, 84, 4),
+    ]
+    assert _merged([]) == []
+
+
+def test_receiver_and_sender_caches_agree() -> None:
+    """Both sides replay the same touches, so they evict the same entries."""
+    rng = random.Random(2)
+    receiver, sender = _Allocations(), _Allocations()
+    next_id = 1
+    live: list[tuple[int, int, int]] = []  # (id, base, size)
+    for batch in range(1, 400):
+        rows = []
+        for _ in range(rng.randrange(1, 8)):
+            if live and rng.random() < 0.6:
+                rows.append(rng.choice(live))
+            else:
+                # a new allocation, sometimes over a freed one's addresses
+                base = rng.randrange(0, 64) << 21
+                size = rng.choice([1, 2, 3]) << 21
+                live = [a for a in live if not (a[1] < base + size and base < a[1] + a[2])]
+                entry = (next_id, base, size)
+                next_id += 1
+                live.append(entry)
+                rows.append(entry)
+        announced = {}
+        for bid, base, size in rows:
+            is_new, dropped_r = receiver.touch(bid, base, size, batch)
+            if is_new:
+                announced[bid] = (base, size)
+            # the sender sees only ids, plus base and size of announced ones
+            if bid in sender.entries:
+                assert not sender.touch(bid, 0, 0, batch)[0]
+            else:
+                assert bid in announced, "the receiver skipped a handle the sender lacks"
+                _, dropped_s = sender.touch(bid, *announced[bid], batch)
+                assert dropped_s == dropped_r
+        assert sender.entries.keys() == receiver.entries.keys()
+    # stale ranges were dropped: what is cached never overlaps
+    spans = sorted((b, b + n) for b, n, _ in receiver.entries.values())
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aeplb.transports import ipc
+
+    monkeypatch.setattr(ipc, "_MAX_MAPPINGS_PER_PEER", 8)
+    cache = _Allocations()
+    for i in range(100):
+        cache.touch(i + 1, i << 30, 1 << 20, batch=i)
+        assert len(cache.entries) <= 8
+    # entries used in the current batch are never the ones dropped
+    for i in range(20):
+        cache.touch(1000 + i, (1000 + i) << 30, 1 << 20, batch=500)
+    assert len(cache.entries) == 20  # over the bound for one batch rather than drop a live one
+
+
+async def ipc_without_cuda(rank: int, world: int) -> str:
+    with pytest.raises(aeplb.BackendUnavailableError, match="needs CUDA") as info:
+        aeplb.create_communicator("ipc")
+    comm = aeplb.create_communicator("auto")
+    assert comm.backend == "gloo"
+    await comm.aclose()
+    return str(info.value)
+
+
+def test_ipc_on_a_machine_without_cuda(world2: RankPool) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    messages = world2.run(ipc_without_cuda, backend="asyncio")
+    assert all("backend='ipc'" in m for m in messages)
