@@ -74,7 +74,6 @@ def _make_transport(
     if name in ("ipc", "ipc-or-nccl"):
         from .transports import ipc
 
-        copy_streams = options.pop("copy_streams", ipc.DEFAULT_COPY_STREAMS)
         try:
             node = ipc.connect(group, rank, world_size, cuda_device)
         except BackendUnavailableError:
@@ -92,7 +91,7 @@ def _make_transport(
                 from .transports.nccl import NCCLTransport
 
                 remote = NCCLTransport(group, rank, world_size, cuda_device, **nccl_options)
-            return ipc.IPCTransport(rank, world_size, cuda_device, node, remote, copy_streams)
+            return ipc.IPCTransport(rank, world_size, cuda_device, node, remote)
     if name == "nccl":
         if "nccl" not in backends:
             raise BackendUnavailableError(
@@ -156,8 +155,6 @@ def create_communicator(
             ``check_peers=False``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
-            ``copy_streams`` (ipc; default 4): streams the peer copies are spread over, so
-            that several copy engines work at once.
             ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
             each with its own connections, that pieces are spread over. Peers must agree on
             ``chunk_bytes`` and ``stripes``.

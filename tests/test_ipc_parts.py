@@ -41,15 +41,16 @@ def test_descriptors_round_trip() -> None:
 
 
 def test_copies_merge_only_where_both_sides_continue() -> None:
-    same = (1, 1)
+    big = torch.zeros(100)
+    other = torch.zeros(100)
     copies = [
-        (1000, 50, 10, same),
-        (1010, 60, 5, same),
-        (1015, 70, 5, same),
-        (2000, 75, 1, same),
-        (2001, 76, 4, same),
-        (2005, 80, 4, (2, 1)),  # continues on both sides, but into another allocation
-        (2009, 84, 4, (2, 9)),  # ... and from another source storage
+        (1000, 50, 10, 1, big[:10]),
+        (1010, 60, 5, 1, big[10:]),
+        (1015, 70, 5, 1, big),  # source does not continue
+        (2000, 75, 1, 1, big),
+        (2001, 76, 4, 1, big),
+        (2005, 80, 4, 2, big),  # continues on both sides, but into another allocation
+        (2009, 84, 4, 2, other),  # ... and from another source storage
     ]
     assert _merged(copies) == [
         (1000, 50, 15),

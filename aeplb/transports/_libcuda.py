@@ -17,8 +17,7 @@ import contextlib
 import ctypes
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .._exceptions import BackendUnavailableError
 
@@ -48,8 +47,7 @@ class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
 
 
-@dataclass(frozen=True, slots=True)
-class Allocation:
+class Allocation(NamedTuple):
     """The driver allocation a pointer lies in."""
 
     buffer_id: int  # unique within the owning process's lifetime

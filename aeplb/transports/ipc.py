@@ -41,8 +41,6 @@ _GATHER, _DESC, _DONE = 0, 1, 2
 _CAPACITIES = (64 << 10, 1 << 20, 4 << 10)
 _OK, _MISMATCH = 0, 1
 _SHM_DIR = "/dev/shm"
-# Copies spread over this many streams run on several copy engines at once.
-DEFAULT_COPY_STREAMS = 4
 # Mappings of one peer's allocations kept open; older ones are closed first.
 _MAX_MAPPINGS_PER_PEER = 4096
 
@@ -281,17 +279,13 @@ class IPCTransport(CudaTransport):
         device: torch.device,
         node: Node | None,
         remote: CudaTransport | None,
-        copy_streams: int = DEFAULT_COPY_STREAMS,
     ) -> None:
-        if isinstance(copy_streams, bool) or not isinstance(copy_streams, int) or copy_streams < 1:
-            raise InvalidTransferError(f"copy_streams must be an int >= 1, got {copy_streams!r}")
         super().__init__(rank, world_size, device, coalesce=False)
         self._node = node
         self._peers = node.peers if node is not None else {}
         self._remote = remote
         self._driver = Driver.get()
-        self._n_copy_streams = copy_streams
-        self._copy_streams: list[torch.cuda.Stream] = []
+        self._copy_stream: torch.cuda.Stream | None = None
         self._batches = 0
         # my allocations: buffer id -> IPC handle (exported once)
         self._handles: dict[int, bytes] = {}
@@ -333,10 +327,10 @@ class IPCTransport(CudaTransport):
         self.enter_thread()
         self._batches += 1
         stream = self.stream()
-        if not self._copy_streams:
-            self._copy_streams = [
-                _cuda.new_stream(self.device) for _ in range(self._n_copy_streams)
-            ]
+        if self._copy_stream is None:
+            # one stream: spreading copies over several measured no faster on H200
+            self._copy_stream = _cuda.new_stream(self.device)
+        copy_stream = self._copy_stream
         sends: dict[int, list[Op]] = defaultdict(list)
         recvs: dict[int, list[Op]] = defaultdict(list)
         remote_ops = []
@@ -355,8 +349,7 @@ class IPCTransport(CudaTransport):
                 dst.view(-1).copy_(src.view(-1), non_blocking=True)
             if node is not None:
                 node.ready.record(stream)
-                for cs in self._copy_streams:
-                    cs.wait_event(node.ready)
+                copy_stream.wait_event(node.ready)
                 descs = {
                     peer.index: self._describe(peer, recvs.get(peer.rank, []), rejected)
                     for peer in self._peers.values()
@@ -374,7 +367,7 @@ class IPCTransport(CudaTransport):
             t3 = time.perf_counter()
             # every pair replies, so a mismatch is reported on both of its ranks
             statuses = node.mailbox.exchange(_DONE, replies, indices, deadline)
-            stream.wait_stream(self._copy_streams[0])
+            stream.wait_stream(copy_stream)
             for peer in self._peers.values():
                 reply = statuses[peer.index]
                 if reply[0] != _OK:
@@ -480,8 +473,8 @@ class IPCTransport(CudaTransport):
         problems: list[str],
     ) -> dict[int, bytes]:
         """Queues the copies the peers' descriptors ask for; returns the replies owed."""
-        streams = self._copy_streams
-        queued = [0] * len(streams)
+        copy_stream = self._copy_stream
+        assert copy_stream is not None
         replies: dict[int, bytes] = {}
         for peer in self._peers.values():
             refusal, table, new = _decode(descs[peer.index])
@@ -507,28 +500,16 @@ class IPCTransport(CudaTransport):
                 continue
             copies = _merged(
                 [
-                    (
-                        peer.mapped[bid] + offset,
-                        op.tensor.data_ptr(),
-                        nbytes,
-                        (bid, op.tensor.untyped_storage().data_ptr()),
-                    )
+                    (peer.mapped[bid] + offset, op.tensor.data_ptr(), nbytes, bid, op.tensor)
                     for op, (bid, offset, nbytes) in zip(mine, table.tolist(), strict=True)
                     if nbytes
                 ]
             )
-            waited = [False] * len(streams)
+            copy_stream.wait_event(peer.ready)
+            handle = copy_stream.cuda_stream
             for dst, src, nbytes in copies:
-                # the least loaded stream: large copies spread over several copy engines
-                k = min(range(len(streams)), key=queued.__getitem__)
-                if not waited[k]:
-                    streams[k].wait_event(peer.ready)
-                    waited[k] = True
-                self._driver.copy_async(dst, src, nbytes, streams[k].cuda_stream)
-                queued[k] += nbytes
-        for cs in streams[1:]:
-            streams[0].wait_stream(cs)
-        node.done.record(streams[0])
+                self._driver.copy_async(dst, src, nbytes, handle)
+        node.done.record(copy_stream)
         return replies
 
     def abort(self) -> None:
@@ -537,8 +518,8 @@ class IPCTransport(CudaTransport):
 
     def close(self) -> None:
         self.enter_thread()
-        for cs in self._copy_streams:
-            cs.synchronize()
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
         self.stream().synchronize()
         for peer in self._peers.values():
             for ptr in peer.mapped.values():
@@ -554,21 +535,26 @@ class IPCTransport(CudaTransport):
 
 
 def _merged(
-    copies: list[tuple[int, int, int, tuple[int, int]]],
+    copies: list[tuple[int, int, int, int, torch.Tensor]],
 ) -> list[tuple[int, int, int]]:
     """Joins copies whose source and destination both continue the previous one's.
 
-    Only within one allocation on each side (the key: destination buffer id, source
-    storage): a copy may not span two allocations, even ones mapped back to back.
+    Only within one allocation on each side (the same destination buffer id, the same
+    source storage): a copy may not span two allocations, even ones that sit back to back.
     """
     out: list[tuple[int, int, int]] = []
-    last_key: tuple[int, int] | None = None
-    for dst, src, n, key in copies:
-        if out and key == last_key:
+    prev: tuple[int, torch.Tensor] | None = None
+    for dst, src, n, bid, tensor in copies:
+        if out and prev is not None:
             pdst, psrc, pn = out[-1]
-            if pdst + pn == dst and psrc + pn == src:
+            if (
+                pdst + pn == dst
+                and psrc + pn == src
+                and prev[0] == bid
+                and prev[1].untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+            ):
                 out[-1] = (pdst, psrc, pn + n)
                 continue
         out.append((dst, src, n))
-        last_key = key
+        prev = (bid, tensor)
     return out
