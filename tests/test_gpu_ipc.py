@@ -5,8 +5,11 @@ Skipped without GPUs; AEPLB_REQUIRE_GPU=1 turns the skips into failures.
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
+import anyio
 import pytest
 import torch
 
@@ -148,6 +151,22 @@ async def one_gpu_two_processes(rank: int, world: int) -> None:
             same_bytes(buf, want, f"tensor {i}")
 
 
+async def peer_exits(rank: int, world: int) -> float:
+    """A peer process that is gone is noticed through the mailbox, long before the deadline."""
+    comm = aeplb.create_communicator("ipc", timeout=30)
+    if rank == 1:
+        os._exit(0)
+    comm.add_send(gpu_payload(1, (1 << 20,), torch.float32), 1)
+    comm.add_recv(poisoned((1 << 20,), torch.float32), 1)
+    start = time.monotonic()
+    with pytest.raises(aeplb.BrokenCommunicatorError, match="exited"):
+        await comm.execute()
+    took = time.monotonic() - start
+    with anyio.fail_after(15):
+        await comm.aclose()
+    return took
+
+
 @pytest.fixture
 def gpus2(world2: RankPool) -> RankPool:
     require_gpu(2)
@@ -172,6 +191,11 @@ def test_no_kernel_runs(gpus2: RankPool) -> None:
 
 def test_peers_on_other_nodes_use_nccl(gpus2: RankPool) -> None:
     assert gpus2.run(other_node, backend="trio", pg_backend=PG) == [[], []]
+
+
+def test_a_peer_that_exits_breaks_the_communicator_fast(gpus2: RankPool) -> None:
+    took = gpus2.run(peer_exits, backend="asyncio", pg_backend=PG, allow_dead=True, timeout=90)
+    assert took[0] is not None and took[0] < 5, took
 
 
 def test_two_processes_on_one_gpu(world2: RankPool) -> None:

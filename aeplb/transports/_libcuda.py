@@ -13,10 +13,8 @@ every foreign call.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import threading
-from collections.abc import Iterator
 from typing import Any, Final, NamedTuple
 
 from .._exceptions import BackendUnavailableError
@@ -25,7 +23,6 @@ _SONAME: Final = "libcuda.so.1"
 IPC_HANDLE_BYTES: Final = 64
 
 CUDA_SUCCESS: Final = 0
-CUDA_ERROR_ALREADY_MAPPED: Final = 208
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: Final = 1
 
 # CUpointer_attribute (cuda.h)
@@ -118,21 +115,6 @@ class Driver:
         self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), device)
         self._call("cuCtxSetCurrent", ctx)
         self._context_ready.ordinals = done | {ordinal}
-
-    @contextlib.contextmanager
-    def pushed_context(self, ordinal: int) -> Iterator[None]:
-        """Makes ``ordinal``'s primary context current for a moment, restoring the caller's."""
-        device = ctypes.c_int()
-        self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(ordinal))
-        ctx = ctypes.c_void_p()
-        self._call("cuDevicePrimaryCtxRetain", ctypes.byref(ctx), device)
-        self._call("cuCtxPushCurrent_v2", ctx)
-        try:
-            yield
-        finally:
-            popped = ctypes.c_void_p()
-            self._call("cuCtxPopCurrent_v2", ctypes.byref(popped))
-            self._call("cuDevicePrimaryCtxRelease_v2", device)
 
     def allocation(self, ptr: int) -> Allocation:
         """Where ``ptr`` lies: one driver call for all four attributes."""

@@ -43,6 +43,8 @@ _OK, _MISMATCH = 0, 1
 _SHM_DIR = "/dev/shm"
 # Mappings of one peer's allocations kept open; older ones are closed first.
 _MAX_MAPPINGS_PER_PEER = 4096
+# How long close() waits for queued copies before leaving them (a failed peer).
+_CLOSE_WAIT_S = 10.0
 
 
 def _node_key() -> str:
@@ -177,7 +179,10 @@ def connect(
             Mailbox.create(path, _CAPACITIES, len(local))
     except (CUDAError, OSError) as exc:
         problem = f"rank {rank}: {exc}"
-    _raise_problems(_gather(problem, group, device))
+    problems = _gather(problem, group, device)
+    if any(problems) and index == 0 and not alone:
+        _unlink(path)
+    _raise_problems(problems)
     mailbox = None
     if not alone:
         same_pids = all(infos[r][0]["pidns"] == mine["pidns"] for r in local)
@@ -200,10 +205,7 @@ def connect(
             problem = f"rank {rank}: cannot map {path}: {exc}"
     problems = _gather(problem, group, device)
     if index == 0 and not alone:
-        try:
-            os.unlink(path)  # every rank has it mapped (or failed); nothing to leak on a crash
-        except OSError:
-            pass
+        _unlink(path)  # every rank has it mapped (or failed); nothing to leak on a crash
     _raise_problems(problems)
     del probe
     if mailbox is None:
@@ -222,6 +224,13 @@ def connect(
             done=_open_event(device, done_handle),
         )
     return Node(mailbox, ready, done, peers)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _open_event(device: torch.device, handle: bytes) -> torch.cuda.Event:
@@ -291,6 +300,7 @@ class IPCTransport(CudaTransport):
         self._handles: dict[int, bytes] = {}
         # seconds spent in each phase of the last batch, for benchmarks
         self.phases: dict[str, float] = {}
+        self._held: list[torch.Tensor] = []  # receive buffers of failed batches
 
     @property
     def local_ranks(self) -> list[int]:
@@ -323,6 +333,15 @@ class IPCTransport(CudaTransport):
         raise AssertionError("network ops go through IPC or the remote transport")
 
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
+        try:
+            self._run(batch, ready, deadline)
+        except (TimeoutError, OSError, RuntimeError):
+            # A peer's copy engine may still be writing into these buffers, and nothing
+            # here can stop it: keep them from the caching allocator until close().
+            self._held.extend(op.tensor for op in batch.ops if op.kind is OpKind.RECV)
+            raise
+
+    def _run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
         t0 = time.perf_counter()
         self.enter_thread()
         self._batches += 1
@@ -518,9 +537,11 @@ class IPCTransport(CudaTransport):
 
     def close(self) -> None:
         self.enter_thread()
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()
-        self.stream().synchronize()
+        streams = [self.stream()] + ([self._copy_stream] if self._copy_stream else [])
+        if not _drained(streams, _CLOSE_WAIT_S):
+            # Still waiting on a peer that failed: unmapping now could fault its copies.
+            # Leave the mappings and held buffers to process exit.
+            return
         for peer in self._peers.values():
             for ptr in peer.mapped.values():
                 try:
@@ -532,6 +553,19 @@ class IPCTransport(CudaTransport):
             self._node.mailbox.close()
         if self._remote is not None:
             self._remote.close()
+        self._held.clear()
+
+
+def _drained(streams: list[torch.cuda.Stream], seconds: float) -> bool:
+    """Waits up to ``seconds`` for the streams' work; False if it never finished."""
+    deadline = time.monotonic() + seconds
+    delay = 1e-4
+    while not all(s.query() for s in streams):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
 
 
 def _merged(
