@@ -11,7 +11,17 @@ import pytest
 import torch
 
 import aeplb
-from aeplb.transports.ipc import _Allocations, _decode, _encode, _merged, _refusal
+from aeplb._ops import Op, OpKind
+from aeplb.transports._libcuda import Allocation
+from aeplb.transports.ipc import (
+    IPCTransport,
+    _Allocations,
+    _decode,
+    _encode,
+    _merged,
+    _Peer,
+    _refusal,
+)
 
 from .multirank import RankPool
 
@@ -128,3 +138,65 @@ def test_ipc_on_a_machine_without_cuda(world2: RankPool) -> None:
         pytest.skip("this machine has CUDA")
     messages = world2.run(ipc_without_cuda, backend="asyncio")
     assert all("backend='ipc'" in m for m in messages)
+
+
+class _StandInDriver:
+    """Answers allocation queries from a table of CPU storages (the CUDA driver on GPUs)."""
+
+    def __init__(self, storages: list[torch.Tensor], capable: bool = True) -> None:
+        self.allocs = [
+            Allocation(100 + n, t.data_ptr(), t.numel() * t.element_size(), capable)
+            for n, t in enumerate(storages)
+        ]
+        self.queries = 0
+
+    def allocation(self, ptr: int) -> Allocation:
+        self.queries += 1
+        return next(a for a in self.allocs if a.base <= ptr < a.base + a.size)
+
+    def ipc_handle(self, base: int) -> bytes:
+        return base.to_bytes(8, "little") * 8
+
+
+def _describer(driver: _StandInDriver) -> tuple[IPCTransport, _Peer]:
+    transport = object.__new__(IPCTransport)  # no CUDA here: only the host-side logic
+    transport._driver = driver  # type: ignore[assignment]
+    transport._batches = 1
+    transport._handles = {}
+    peer = _Peer(rank=1, index=1, pid=0, ready=None, done=None)  # type: ignore[arg-type]
+    return transport, peer
+
+
+def test_describe_names_allocation_offset_and_size_per_receive() -> None:
+    a, b, c = torch.zeros(1000), torch.zeros(500, dtype=torch.uint8), torch.zeros(64)
+    driver = _StandInDriver([a, b, c])
+    transport, peer = _describer(driver)
+    views = [a[10:20], c, b[100:], a[:5], torch.zeros(0), a[500:], b[:7]]
+    ops = [Op(OpKind.RECV, v, 1) for v in views]
+    rejected: list[str] = []
+    refusal, table, new = _decode(transport._describe(peer, ops, rejected))
+    assert refusal is None and not rejected
+    assert driver.queries == 3  # once per allocation, not per tensor
+    expect = []
+    for v in views:
+        if v.numel() == 0:
+            expect.append([0, 0, 0])
+            continue
+        alloc = next(x for x in driver.allocs if x.base <= v.data_ptr() < x.base + x.size)
+        expect.append([alloc.buffer_id, v.data_ptr() - alloc.base, v.numel() * v.element_size()])
+    assert table.tolist() == expect
+    assert [entry[0] for entry in new] == [100, 102, 101]  # each handle once, in first use
+    # the next batch names the same allocations without sending their handles again
+    transport._batches = 2
+    _, table2, new2 = _decode(transport._describe(peer, ops, rejected))
+    assert table2.tolist() == expect and new2 == []
+
+
+def test_describe_refuses_memory_ipc_cannot_share() -> None:
+    a = torch.zeros(100)
+    transport, peer = _describer(_StandInDriver([a], capable=False))
+    rejected: list[str] = []
+    refusal, table, new = _decode(transport._describe(peer, [Op(OpKind.RECV, a, 1)], rejected))
+    assert refusal is not None and "expandable_segments" in refusal
+    assert rejected == [refusal] and table.shape == (0, 3) and new == []
+    assert peer.mine.entries == {}  # nothing noted as sent: the caches stay in step

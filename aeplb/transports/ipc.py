@@ -16,6 +16,7 @@ sides instead.
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
 import struct
@@ -422,7 +423,8 @@ class IPCTransport(CudaTransport):
         # Receive tensors are alive, so an address inside an allocation seen in this batch
         # belongs to that allocation: one driver query per allocation, not per tensor.
         last: Allocation | None = None
-        seen: list[Allocation] = []
+        bases: list[int] = []  # sorted, with the allocations they start
+        found: list[Allocation] = []
         for i, op in enumerate(ops):
             nbytes = op.nbytes
             if not nbytes:
@@ -430,7 +432,8 @@ class IPCTransport(CudaTransport):
             ptr = op.tensor.data_ptr()
             alloc = last
             if alloc is None or not alloc.base <= ptr < alloc.base + alloc.size:
-                alloc = next((a for a in seen if a.base <= ptr < a.base + a.size), None)
+                k = bisect.bisect_right(bases, ptr) - 1
+                alloc = found[k] if k >= 0 and ptr < bases[k] + found[k].size else None
                 if alloc is None:
                     alloc = self._driver.allocation(ptr)
                     if not alloc.ipc_capable:
@@ -442,16 +445,23 @@ class IPCTransport(CudaTransport):
                             "backend='nccl'. Nothing moved from that rank."
                         )
                         return _refusal(rejected[-1])
-                    seen.append(alloc)
+                    k = bisect.bisect_right(bases, alloc.base)
+                    bases.insert(k, alloc.base)
+                    found.insert(k, alloc)
                 last = alloc
             rows.append((i, alloc, ptr, nbytes))
         table = np.zeros((len(ops), 3), dtype=np.int64)
         new: list[tuple[int, int, int, bytes]] = []
+        entries: list[tuple[int, int, int, int]] = []
+        batch = self._batches
+        touch = peer.mine.touch
         for i, alloc, ptr, nbytes in rows:
-            is_new, _ = peer.mine.touch(alloc.buffer_id, alloc.base, alloc.size, self._batches)
-            if is_new:
+            if touch(alloc.buffer_id, alloc.base, alloc.size, batch)[0]:
                 new.append((alloc.buffer_id, alloc.base, alloc.size, self._handle(alloc)))
-            table[i] = (alloc.buffer_id, ptr - alloc.base, nbytes)
+            entries.append((i, alloc.buffer_id, ptr - alloc.base, nbytes))
+        if entries:
+            filled = np.array(entries, dtype=np.int64)
+            table[filled[:, 0]] = filled[:, 1:]
         return _encode(table, new)
 
     def _handle(self, alloc: Allocation) -> bytes:
