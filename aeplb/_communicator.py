@@ -140,7 +140,7 @@ class Communicator:
 
     @property
     def backend(self) -> str:
-        """The transport's name: ``"gloo"``, ``"nccl"`` or ``"pynccl"``."""
+        """The transport's name: ``"gloo"``, ``"nccl"``, ``"pynccl"`` or ``"ipc"``."""
         return self._transport.name
 
     @property
