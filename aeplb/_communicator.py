@@ -200,7 +200,7 @@ class Communicator:
     def _make_op(self, kind: OpKind, tensor: object, peer: object) -> Op:
         self._check_usable()
         op = check_op(kind, tensor, peer, self.world_size)
-        self._transport.check_op(op)
+        self._transport.check_tensor(op.tensor, "add_send" if kind is OpKind.SEND else "add_recv")
         return op
 
     def _check_usable(self) -> None:

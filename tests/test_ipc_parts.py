@@ -163,7 +163,7 @@ def _describer(driver: _StandInDriver) -> tuple[IPCTransport, _Peer]:
     transport._driver = driver  # type: ignore[assignment]
     transport._batches = 1
     transport._handles = {}
-    peer = _Peer(rank=1, index=1, pid=0, ready=None, done=None)  # type: ignore[arg-type]
+    peer = _Peer(rank=1, index=1, ready=None, done=None)  # type: ignore[arg-type]
     return transport, peer
 
 

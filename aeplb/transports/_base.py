@@ -4,13 +4,13 @@ import abc
 
 import torch
 
-from .._ops import Op, OpKind, PreparedBatch
+from .._ops import PreparedBatch
 
 
 class Transport(abc.ABC):
     """Moves one prepared batch between ranks.
 
-    A transport knows nothing of experts or placements. ``check_op``, ``check_tensor``,
+    A transport knows nothing of experts or placements. ``check_tensor``,
     ``capture_ready`` and ``set_stream`` run on the caller's thread and never block;
     everything else runs on the communicator's worker thread, one call at a time.
     """
@@ -24,10 +24,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         """Raises InvalidTransferError if this transport cannot move ``tensor``."""
-
-    def check_op(self, op: Op) -> None:
-        """Raises InvalidTransferError if this transport cannot run ``op`` (caller's thread)."""
-        self.check_tensor(op.tensor, "add_send" if op.kind is OpKind.SEND else "add_recv")
 
     def capture_ready(self) -> object | None:
         """Marks the caller's current position in stream order (for CUDA transports)."""

@@ -76,14 +76,19 @@ class CudaTransport(Transport):
         """Puts the whole batch on the stream without waiting; returns its completion event."""
         stream = self.stream()
         with torch.cuda.stream(stream):
-            if isinstance(ready, torch.cuda.Event):
-                stream.wait_event(ready)
-            for src, dst in batch.copies:
-                dst.view(-1).copy_(src.view(-1), non_blocking=True)
+            self.start(batch, ready, stream)
             self.launch(batch, stream)
             done = _cuda.new_event()
             done.record(stream)
         return done
+
+    @staticmethod
+    def start(batch: PreparedBatch, ready: object | None, stream: torch.cuda.Stream) -> None:
+        """Enqueues, on ``stream``, the wait for the caller's work and the self-copies."""
+        if isinstance(ready, torch.cuda.Event):
+            stream.wait_event(ready)
+        for src, dst in batch.copies:
+            dst.view(-1).copy_(src.view(-1), non_blocking=True)
 
     def wait(self, done: torch.cuda.Event, deadline: float | None) -> None:
         try:

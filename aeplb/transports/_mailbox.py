@@ -74,6 +74,9 @@ class Mailbox:
         finally:
             os.close(fd)
         self._words = np.frombuffer(self._mm, dtype=np.int64)
+        self._kind_base = [0]
+        for cap in self._caps[:-1]:
+            self._kind_base.append(self._kind_base[-1] + ranks * ranks * (_HEADER + cap))
         kinds = len(self._caps)
         self._sent = np.zeros((kinds, ranks), dtype=np.int64)
         self._got = np.zeros((kinds, ranks), dtype=np.int64)
@@ -92,10 +95,7 @@ class Mailbox:
             os.close(fd)
 
     def _channel(self, kind: int, src: int, dst: int) -> int:
-        offset = 0
-        for k in range(kind):
-            offset += self.ranks * self.ranks * (_HEADER + self._caps[k])
-        return offset + (src * self.ranks + dst) * (_HEADER + self._caps[kind])
+        return self._kind_base[kind] + (src * self.ranks + dst) * (_HEADER + self._caps[kind])
 
     def send(self, kind: int, dst: int, data: bytes, deadline: float | None) -> None:
         """Sends ``data`` to local rank ``dst``; waits only while its previous frame is unread."""

@@ -103,7 +103,6 @@ class _Peer:
 
     rank: int  # within the group
     index: int  # within the node's mailbox
-    pid: int
     ready: torch.cuda.Event
     done: torch.cuda.Event
     theirs: _Allocations = field(default_factory=_Allocations)  # mapped here
@@ -155,7 +154,7 @@ def connect(
                     "this process's CUDA memory cannot be shared by IPC handle (is "
                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True set?)"
                 )
-            mine["probe"] = (driver.ipc_handle(alloc.base), probe.data_ptr() - alloc.base)
+            mine["probe"] = driver.ipc_handle(alloc.base)
             ready = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
             done = torch.cuda.Event(interprocess=True)  # type: ignore[no-untyped-call]
             ready.record()
@@ -174,7 +173,7 @@ def connect(
         # Opening every local peer's probe proves IPC and peer access work between us.
         for r in local:
             if r != rank:
-                ptr = driver.ipc_open(infos[r][0]["probe"][0])
+                ptr = driver.ipc_open(infos[r][0]["probe"])
                 driver.ipc_close(ptr)
         if index == 0 and not alone:
             Mailbox.create(path, _CAPACITIES, len(local))
@@ -220,7 +219,6 @@ def connect(
         peers[r] = _Peer(
             rank=r,
             index=local.index(r),
-            pid=infos[r][0]["pid"],
             ready=_open_event(device, ready_handle),
             done=_open_event(device, done_handle),
         )
@@ -273,7 +271,7 @@ def _decode(
     if n_ops < 0:
         return data[pos:].decode(errors="replace"), np.zeros((0, 3), dtype=np.int64), []
     ops = np.frombuffer(data, dtype=np.int64, count=3 * n_ops, offset=pos).reshape(n_ops, 3)
-    pos += 24 * n_ops
+    pos += ops.nbytes
     new = [_NEW.unpack_from(data, pos + i * _NEW.size) for i in range(n_new)]
     return None, ops, new
 
@@ -363,10 +361,7 @@ class IPCTransport(CudaTransport):
         problems: list[str] = []
         rejected: list[str] = []
         with torch.cuda.stream(stream):
-            if isinstance(ready, torch.cuda.Event):
-                stream.wait_event(ready)
-            for src, dst in batch.copies:
-                dst.view(-1).copy_(src.view(-1), non_blocking=True)
+            self.start(batch, ready, stream)
             if node is not None:
                 node.ready.record(stream)
                 copy_stream.wait_event(node.ready)
@@ -547,11 +542,16 @@ class IPCTransport(CudaTransport):
 
     def close(self) -> None:
         self.enter_thread()
-        streams = [self.stream()] + ([self._copy_stream] if self._copy_stream else [])
-        if not _drained(streams, _CLOSE_WAIT_S):
-            # Still waiting on a peer that failed: unmapping now could fault its copies.
-            # Leave the mappings and held buffers to process exit.
-            return
+        deadline = time.monotonic() + _CLOSE_WAIT_S
+        for stream in [self.stream()] + ([self._copy_stream] if self._copy_stream else []):
+            queued = _cuda.new_event()
+            queued.record(stream)
+            try:
+                _cuda.wait_event(queued, deadline)
+            except TimeoutError:
+                # Still waiting on a peer that failed: unmapping now could fault its
+                # copies. Leave the mappings and held buffers to process exit.
+                return
         for peer in self._peers.values():
             for ptr in peer.mapped.values():
                 try:
@@ -566,18 +566,6 @@ class IPCTransport(CudaTransport):
         self._held.clear()
 
 
-def _drained(streams: list[torch.cuda.Stream], seconds: float) -> bool:
-    """Waits up to ``seconds`` for the streams' work; False if it never finished."""
-    deadline = time.monotonic() + seconds
-    delay = 1e-4
-    while not all(s.query() for s in streams):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    return True
-
-
 def _merged(
     copies: list[tuple[int, int, int, int, torch.Tensor]],
 ) -> list[tuple[int, int, int]]:
@@ -589,7 +577,7 @@ def _merged(
     out: list[tuple[int, int, int]] = []
     prev: tuple[int, torch.Tensor] | None = None
     for dst, src, n, bid, tensor in copies:
-        if out and prev is not None:
+        if prev is not None:
             pdst, psrc, pn = out[-1]
             if (
                 pdst + pn == dst
