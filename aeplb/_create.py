@@ -149,10 +149,9 @@ def create_communicator(
             ``nccl_library`` (pynccl): path of libnccl.so; default: the one torch loaded,
             the nvidia-nccl wheel's, or ``$AEPLB_NCCL_LIBRARY``.
             ``enqueue_on`` (nccl, pynccl; ``"worker"`` by default; ipc has no NCCL work to
-            move): ``"caller"`` enqueues
-            the NCCL work on the thread that calls ``execute()`` and leaves only the wait to
-            the worker, so no NCCL call comes from another thread; needs
-            ``check_peers=False``.
+            move): ``"caller"`` enqueues the NCCL work on the thread that calls
+            ``execute()`` and leaves only the wait to the worker, so no NCCL call comes from
+            another thread; needs ``check_peers=False``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
             ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,

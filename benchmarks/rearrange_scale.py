@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import aeplb
-from aeplb.bench._spawn import run_ranks
+from aeplb.bench._spawn import init_rank, ranks_wanted, run_ranks
 
 Result = dict[str, Any]
 
@@ -345,19 +345,10 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
 
 
 def entry(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.cpu:
         # Every rank shares the machine's cores: one intra-op thread each.
         torch.set_num_threads(1)
-    else:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "gloo" if args.cpu else "cpu:gloo,cuda:nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=args.timeout + 60),
-    )
+    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(seconds=args.timeout + 60))
     result = anyio.run(rank_main, rank, world, args, backend=args.loop)
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(result, gathered if rank == 0 else None, dst=0)
@@ -471,10 +462,9 @@ def table(args: argparse.Namespace, world: int, s: Result, ranks: list[Result]) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        print("no CUDA GPU here: run with --cpu for CPU ranks over Gloo", file=sys.stderr)
+    world = ranks_wanted(args.cpu, args.ranks)
+    if world is None:
         return 2
-    world = args.ranks or (2 if args.cpu else torch.cuda.device_count())
     slots = args.experts + args.redundant
     if world < 2 or slots % world:
         print(f"needs >= 2 ranks dividing {slots} slots, got {world}", file=sys.stderr)

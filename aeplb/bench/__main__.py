@@ -12,7 +12,7 @@ import torch
 
 from ._driver import CPU_BACKENDS, GPU_BACKENDS, entry
 from ._rank import Row
-from ._spawn import run_ranks
+from ._spawn import ranks_wanted, run_ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,10 +155,9 @@ def _nccl_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        print("no CUDA GPU here: run with --cpu for CPU ranks over Gloo", file=sys.stderr)
+    world = ranks_wanted(args.cpu, args.ranks)
+    if world is None:
         return 2
-    world = args.ranks or (2 if args.cpu else torch.cuda.device_count())
     if world < 2:
         print("needs at least 2 ranks (2 GPUs, or --cpu)", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +15,7 @@ import aeplb
 
 from . import _workloads as wl
 from ._rank import Bench, Row
+from ._spawn import init_rank
 
 GPU_BACKENDS = "ipc,nccl,pynccl,gloo"
 CPU_BACKENDS = "gloo"
@@ -40,9 +41,7 @@ def workload_list(args: argparse.Namespace, peers: int) -> list[wl.Workload]:
         if name == "eplb":
             out.append(wl.eplb(args.experts * peers, peers))
         elif name == "interference":
-            out.append(
-                wl.Workload("interference", wl.eplb(args.experts * peers, peers).shapes, wl.fp8())
-            )
+            out.append(dataclasses.replace(wl.eplb(args.experts * peers, peers), name=name))
         elif name == "many-small":
             out.append(wl.many_small())
         elif name == "sweep":
@@ -108,16 +107,7 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
 
 
 def entry(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if not args.cpu:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "gloo" if args.cpu else "cpu:gloo,cuda:nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(minutes=5),
-    )
+    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(minutes=5))
     rows = anyio.run(_rank_main, rank, world, args)
     gathered: list[Any] = [None] * world if rank == 0 else []
     group = dist.new_group(backend="gloo")

@@ -209,9 +209,9 @@ class Bench:
     ) -> list[Row]:
         """bf16 matmul throughput alone, and while each variant moves ``w`` back to back.
 
-        The matmuls run on the default stream and are timed with CUDA events; the batches
-        keep running until after the matmuls end, so the whole timed window overlaps
-        transfers. "Alone" is measured before and after, against clock drift.
+        The matmuls run on a stream of their own and are timed with CUDA events; the
+        batches keep running until after the matmuls end, so the whole timed window
+        overlaps transfers. "Alone" is measured before and after, against clock drift.
         """
         n, k = 8192, 60
         a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def ranks_wanted(cpu: bool, ranks: int) -> int | None:
+    """The rank count: ``ranks``, else one per GPU (2 with ``cpu``); None without a GPU."""
+    if not cpu and not torch.cuda.is_available():
+        print("no CUDA GPU here: run with --cpu for CPU ranks over Gloo", file=sys.stderr)
+        return None
+    return ranks or (2 if cpu else torch.cuda.device_count())
+
+
+def init_rank(rank: int, world: int, port: int, *, cpu: bool, timeout: timedelta) -> None:
+    """Joins the default group from a spawned rank: Gloo on CPU, Gloo and NCCL on GPUs."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not cpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "gloo" if cpu else "cpu:gloo,cuda:nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timeout,
+    )
 
 
 def run_ranks(entry: Callable[..., None], world: int, args: Any) -> Any | None:
