@@ -4,7 +4,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -376,11 +376,17 @@ class Communicator:
 
         def work() -> None:
             nonlocal check_seconds
+            run = batch
             if self._check_peers:
-                local = _manifest.build(batch.ops, self.world_size, status)
-                _manifest.check(local, lambda t: self._transport.all_gather(t, deadline), self.rank)
+                local = _manifest.build(batch.table, self.world_size, status)
+                if self._transport.checks_in_band:
+                    run = replace(batch, manifest=local)
+                else:
+                    _manifest.check(
+                        local, lambda t: self._transport.all_gather(t, deadline), self.rank
+                    )
                 check_seconds = time.monotonic() - started
-            self._transport.run(batch, ready, deadline)
+            self._transport.run(run, ready, deadline)
 
         self._guarded(work)
         return _Outcome(time.monotonic() - started, check_seconds)

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ._exceptions import PeerMismatchError
-from ._ops import Op, OpKind
+from ._ops import DTYPE, IS_RECV, NBYTES, NUMEL, PEER
 
 # Columns of one manifest row (one row per peer).
 _SEND, _RECV = 0, 3  # each: count, bytes, digest
@@ -18,39 +17,26 @@ _COLS = 7
 OK, REJECTED = 0, 1
 
 
-_DTYPE_CODES: dict[torch.dtype, int] = {}
-
-
-def _dtype_code(dtype: torch.dtype) -> int:
-    code = _DTYPE_CODES.get(dtype)
-    if code is None:  # the same on every rank: a hash of the dtype's name
-        code = _DTYPE_CODES[dtype] = zlib.crc32(str(dtype).encode())
-    return code
-
-
-def build(ops: list[Op], world_size: int, status: int = OK) -> torch.Tensor:
-    """This rank's manifest: per peer, what it will send there and receive from there."""
-    shapes: dict[tuple[int, int], list[int]] = {}  # (column, peer) -> dtype, numel, ...
-    nbytes: dict[tuple[int, int], int] = {}
-    for op in ops:
-        t = op.tensor
-        key = (_SEND if op.kind is OpKind.SEND else _RECV, op.peer)
-        numel = t.numel()
-        found = shapes.get(key)
-        if found is None:
-            found = shapes[key] = []
-            nbytes[key] = 0
-        found.append(_dtype_code(t.dtype))
-        found.append(numel)
-        nbytes[key] += numel * t.element_size()
+def build(table: np.ndarray, world_size: int, status: int = OK) -> torch.Tensor:
+    """This rank's manifest, from its op table: per peer, what it sends and receives there."""
     rows = np.zeros((world_size, _COLS), dtype=np.int64)
     rows[:, _STATUS] = status
-    for key, found in shapes.items():
-        col, peer = key
-        digest = hashlib.blake2b(np.array(found, dtype=np.int64).tobytes(), digest_size=8)
-        rows[peer, col] = len(found) // 2
-        rows[peer, col + 1] = nbytes[key]
-        rows[peer, col + 2] = int.from_bytes(digest.digest(), "little", signed=True)
+    if len(table):
+        # ops grouped by (peer, direction), queue order kept within each group
+        key = table[:, PEER] * 2 + table[:, IS_RECV]
+        order = np.argsort(key, kind="stable")
+        keys, starts, counts = np.unique(key[order], return_index=True, return_counts=True)
+        shapes = table[order][:, [DTYPE, NUMEL]]  # dtype, numel per op: what the digest covers
+        nbytes = np.add.reduceat(table[order, NBYTES], starts)
+        for k, start, count, total in zip(
+            keys.tolist(), starts.tolist(), counts.tolist(), nbytes.tolist(), strict=True
+        ):
+            peer, is_recv = divmod(k, 2)
+            col = _RECV if is_recv else _SEND
+            digest = hashlib.blake2b(shapes[start : start + count].tobytes(), digest_size=8)
+            rows[peer, col] = count
+            rows[peer, col + 1] = total
+            rows[peer, col + 2] = int.from_bytes(digest.digest(), "little", signed=True)
     return torch.from_numpy(rows)
 
 
@@ -62,7 +48,11 @@ def check(
     Every rank checks every pair, so all ranks agree and raise together, before any data
     moves; the communicator stays usable.
     """
-    rows = all_gather(local).numpy()  # [world (who), world (peer), cols]
+    check_rows(all_gather(local).numpy(), rank)
+
+
+def check_rows(rows: np.ndarray, rank: int) -> None:
+    """:func:`check` on manifests already gathered: [world (who), world (peer), cols]."""
     rejected = [r for r in range(rows.shape[0]) if int(rows[r, 0, _STATUS]) != OK]
     if rejected:
         raise PeerMismatchError(

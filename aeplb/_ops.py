@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import enum
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ._exceptions import InvalidTransferError
@@ -14,26 +16,41 @@ class OpKind(enum.Enum):
     RECV = "recv"
 
 
-@dataclass(frozen=True, slots=True)
 class Op:
-    kind: OpKind
-    tensor: torch.Tensor
-    peer: int
+    """One queued send or receive (a plain slotted class: queueing cost is per op)."""
+
+    __slots__ = ("kind", "peer", "tensor")
+
+    def __init__(self, kind: OpKind, tensor: torch.Tensor, peer: int) -> None:
+        self.kind = kind
+        self.tensor = tensor
+        self.peer = peer
 
     @property
     def nbytes(self) -> int:
-        return self.tensor.numel() * self.tensor.element_size()
+        return int(self.tensor.nbytes)
+
+    def __repr__(self) -> str:
+        return f"Op({self.kind.name}, {tuple(self.tensor.shape)} {self.tensor.dtype}, {self.peer})"
 
 
 def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
     """Validates one op as it is queued; the message names the argument and the fix."""
+    if (
+        isinstance(tensor, torch.Tensor)
+        and tensor.layout is torch.strided
+        and tensor.is_contiguous()
+        and type(peer) is int
+        and 0 <= peer < world_size
+    ):
+        return Op(kind, tensor, peer)
     verb = "add_send" if kind is OpKind.SEND else "add_recv"
     rank_arg = "dst_rank" if kind is OpKind.SEND else "src_rank"
     if not isinstance(tensor, torch.Tensor):
         raise InvalidTransferError(
             f"{verb}: tensor must be a torch.Tensor, got {type(tensor).__name__}"
         )
-    if tensor.is_sparse or tensor.layout is not torch.strided:
+    if tensor.layout is not torch.strided:
         raise InvalidTransferError(
             f"{verb}: tensor has layout {tensor.layout}; pass a dense (strided) tensor"
         )
@@ -42,7 +59,7 @@ def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
             f"{verb}: tensor of shape {tuple(tensor.shape)} is not contiguous; "
             "pass tensor.contiguous() (and copy received data back yourself) or a contiguous view"
         )
-    if isinstance(peer, bool) or not isinstance(peer, int):
+    if not isinstance(peer, int) or isinstance(peer, bool):
         raise InvalidTransferError(
             f"{verb}: {rank_arg} must be an int rank within the group, got {peer!r}"
         )
@@ -51,7 +68,44 @@ def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
             f"{verb}: {rank_arg}={peer} is out of range for a group of {world_size} ranks; "
             f"ranks are group ranks in [0, {world_size})"
         )
-    return Op(kind, tensor, peer)
+    return Op(kind, tensor, int(peer))  # an int subclass (numpy ints are not)
+
+
+# Columns of an op table: one int64 row per network op, computed once per batch so the
+# manifest and the transports work on arrays instead of asking each tensor again.
+PEER, IS_RECV, DTYPE, NUMEL, NBYTES, PTR = range(6)
+_TABLE_COLUMNS = 6
+
+_DTYPE_CODES: dict[torch.dtype, int] = {}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    code = _DTYPE_CODES.get(dtype)
+    if code is None:  # the same on every rank: a hash of the dtype's name
+        code = _DTYPE_CODES[dtype] = zlib.crc32(str(dtype).encode())
+    return code
+
+
+def op_table(ops: list[Op]) -> np.ndarray:
+    """The [ops, 6] int64 table of ``ops`` (columns PEER ... PTR)."""
+    flat: list[int] = []
+    codes = _DTYPE_CODES
+    recv = OpKind.RECV
+    for op in ops:
+        t = op.tensor
+        dtype = t.dtype
+        code = codes.get(dtype)
+        flat.extend(
+            (
+                op.peer,
+                op.kind is recv,
+                dtype_code(dtype) if code is None else code,
+                t.numel(),
+                t.nbytes,
+                t.data_ptr(),
+            )
+        )
+    return np.array(flat, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
 
 
 @dataclass
@@ -63,6 +117,16 @@ class PreparedBatch:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_copied: int = 0
+    # this rank's manifest, for a transport that exchanges it itself (checks_in_band)
+    manifest: torch.Tensor | None = None
+    _table: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def table(self) -> np.ndarray:
+        """``op_table(ops)``, built on first use (on the worker thread, not the caller's)."""
+        if self._table is None or len(self._table) != len(self.ops):
+            self._table = op_table(self.ops)
+        return self._table
 
     @property
     def num_sends(self) -> int:
@@ -84,15 +148,17 @@ def prepare(ops: list[Op], rank: int) -> PreparedBatch:
     batch = PreparedBatch()
     self_sends: list[Op] = []
     self_recvs: list[Op] = []
+    sent = received = 0
     for op in ops:
         if op.peer == rank:
             (self_sends if op.kind is OpKind.SEND else self_recvs).append(op)
-            continue
-        batch.ops.append(op)
-        if op.kind is OpKind.SEND:
-            batch.bytes_sent += op.nbytes
         else:
-            batch.bytes_received += op.nbytes
+            batch.ops.append(op)
+            if op.kind is OpKind.SEND:
+                sent += op.tensor.nbytes
+            else:
+                received += op.tensor.nbytes
+    batch.bytes_sent, batch.bytes_received = sent, received
     if len(self_sends) != len(self_recvs):
         raise InvalidTransferError(
             f"rank {rank} queued {len(self_sends)} send(s) to itself but {len(self_recvs)} "

@@ -79,6 +79,41 @@ async def mismatch_unchecked(rank: int, world: int) -> None:
         same_bytes(buf, gpu_payload(seed_of(peer, rank, 9), (4096,), torch.float32))
 
 
+async def mismatch_checked_in_band(rank: int, world: int) -> None:
+    """check_peers=True: the manifests ride with the descriptors, not a separate gather.
+
+    The failing batch announces a new allocation; the next batch into it still works, so
+    the two ranks' handle caches stayed in step through the failure.
+    """
+    peer = 1 - rank
+    n = 10_000_000  # 40 MB: an allocation of its own
+    async with aeplb.create_communicator("ipc", timeout=60) as comm:
+        transport = comm._transport
+        assert transport.checks_in_band
+
+        def no_gather(*args: object) -> None:
+            raise AssertionError("the manifest went through a separate all-gather")
+
+        transport.all_gather = no_gather  # type: ignore[method-assign, assignment]
+        fresh = poisoned((n,), torch.float32)
+        short = n - 1 if rank == 1 else n  # rank 1 expects one element too few
+        comm.add_send(gpu_payload(seed_of(rank, peer, 1), (n,), torch.float32), peer)
+        comm.add_recv(fresh[:short], peer)
+        comm.add_send(gpu_payload(3, (5,), torch.float32), rank)  # a self-copy: not run
+        mine = poisoned((5,), torch.float32)
+        comm.add_recv(mine, rank)
+        with pytest.raises(aeplb.PeerMismatchError, match="No data moved"):
+            await comm.execute()
+        assert not torch.any(fresh) and not torch.any(mine)
+        comm.add_send(gpu_payload(seed_of(rank, peer, 2), (n,), torch.float32), peer)
+        comm.add_recv(fresh, peer)
+        comm.add_send(gpu_payload(3, (5,), torch.float32), rank)
+        comm.add_recv(mine, rank)
+        await comm.execute()
+        same_bytes(fresh, gpu_payload(seed_of(peer, rank, 2), (n,), torch.float32))
+        same_bytes(mine, gpu_payload(3, (5,), torch.float32))
+
+
 async def no_kernels(rank: int, world: int) -> list[str]:
     """The profiler sees copies on the GPU during execute(), and no kernel at all."""
     from torch.profiler import ProfilerActivity, profile
@@ -182,6 +217,10 @@ def test_allocation_churn_keeps_mappings_bounded(gpus2: RankPool) -> None:
 
 def test_mismatch_without_manifest_writes_nothing(gpus2: RankPool) -> None:
     gpus2.run(mismatch_unchecked, backend="asyncio", pg_backend=PG)
+
+
+def test_mismatch_is_checked_in_band(gpus2: RankPool) -> None:
+    gpus2.run(mismatch_checked_in_band, backend="trio", pg_backend=PG)
 
 
 def test_no_kernel_runs(gpus2: RankPool) -> None:

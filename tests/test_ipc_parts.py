@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import aeplb
-from aeplb._ops import Op, OpKind
+from aeplb import _manifest
+from aeplb._ops import Op, OpKind, op_table
 from aeplb.transports._libcuda import Allocation
 from aeplb.transports.ipc import (
     IPCTransport,
@@ -21,6 +22,8 @@ from aeplb.transports.ipc import (
     _merged,
     _Peer,
     _refusal,
+    _split_manifest,
+    _with_manifest,
 )
 
 from .multirank import RankPool
@@ -53,7 +56,7 @@ def test_descriptors_round_trip() -> None:
 def test_copies_merge_only_where_both_sides_continue() -> None:
     big = torch.zeros(100)
     other = torch.zeros(100)
-    copies = [
+    copies = [  # dst, src, bytes, destination buffer id, source tensor
         (1000, 50, 10, 1, big[:10]),
         (1010, 60, 5, 1, big[10:]),
         (1015, 70, 5, 1, big),  # source does not continue
@@ -62,14 +65,24 @@ def test_copies_merge_only_where_both_sides_continue() -> None:
         (2005, 80, 4, 2, big),  # continues on both sides, but into another allocation
         (2009, 84, 4, 2, other),  # ... and from another source storage
     ]
-    assert _merged(copies) == [
+    columns = [np.array([c[i] for c in copies], dtype=np.int64) for i in range(4)]
+    asked: list[int] = []
+
+    def storage(k: int) -> int:
+        asked.append(k)
+        return copies[k][4].untyped_storage().data_ptr()
+
+    dsts, srcs, lengths = _merged(*columns, storage)
+    assert list(zip(dsts.tolist(), srcs.tolist(), lengths.tolist(), strict=True)) == [
         (1000, 50, 15),
         (1015, 70, 5),
         (2000, 75, 5),
         (2005, 80, 4),
         (2009, 84, 4),
     ]
-    assert _merged([]) == []
+    assert sorted(set(asked)) == [0, 1, 3, 4, 5, 6]  # not for 4 -> 5: another allocation
+    empty = np.zeros(0, dtype=np.int64)
+    assert all(len(a) == 0 for a in _merged(empty, empty, empty, empty, storage))
 
 
 def test_receiver_and_sender_caches_agree() -> None:
@@ -174,7 +187,7 @@ def test_describe_names_allocation_offset_and_size_per_receive() -> None:
     views = [a[10:20], c, b[100:], a[:5], torch.zeros(0), a[500:], b[:7]]
     ops = [Op(OpKind.RECV, v, 1) for v in views]
     rejected: list[str] = []
-    refusal, table, new = _decode(transport._describe(peer, ops, rejected))
+    refusal, table, new = _decode(transport._describe(peer, op_table(ops), rejected))
     assert refusal is None and not rejected
     assert driver.queries == 3  # once per allocation, not per tensor
     expect = []
@@ -188,7 +201,7 @@ def test_describe_names_allocation_offset_and_size_per_receive() -> None:
     assert [entry[0] for entry in new] == [100, 102, 101]  # each handle once, in first use
     # the next batch names the same allocations without sending their handles again
     transport._batches = 2
-    _, table2, new2 = _decode(transport._describe(peer, ops, rejected))
+    _, table2, new2 = _decode(transport._describe(peer, op_table(ops), rejected))
     assert table2.tolist() == expect and new2 == []
 
 
@@ -196,7 +209,59 @@ def test_describe_refuses_memory_ipc_cannot_share() -> None:
     a = torch.zeros(100)
     transport, peer = _describer(_StandInDriver([a], capable=False))
     rejected: list[str] = []
-    refusal, table, new = _decode(transport._describe(peer, [Op(OpKind.RECV, a, 1)], rejected))
+    ops = [Op(OpKind.RECV, a, 1)]
+    refusal, table, new = _decode(transport._describe(peer, op_table(ops), rejected))
     assert refusal is not None and "expandable_segments" in refusal
     assert rejected == [refusal] and table.shape == (0, 3) and new == []
     assert peer.mine.entries == {}  # nothing noted as sent: the caches stay in step
+
+
+def test_manifests_travel_with_the_descriptors() -> None:
+    desc = _encode(np.arange(6, dtype=np.int64).reshape(2, 3), [])
+    manifest = torch.arange(1, 15, dtype=torch.int64).numpy().tobytes()
+    assert _split_manifest(_with_manifest(manifest, desc)) == (manifest, desc)
+    assert _split_manifest(_with_manifest(b"", desc)) == (b"", desc)
+
+
+def _checker(world: int, rank: int) -> IPCTransport:
+    transport = object.__new__(IPCTransport)  # no CUDA here: only the host-side logic
+    transport.rank, transport.world_size = rank, world
+    transport._peers = {
+        r: _Peer(rank=r, index=r, ready=None, done=None)  # type: ignore[arg-type]
+        for r in range(world)
+        if r != rank
+    }
+    return transport
+
+
+def _ops(pairs: list[tuple[OpKind, int, int]]) -> list[Op]:
+    return [Op(kind, torch.ones(n), peer) for kind, peer, n in pairs]
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_in_band_manifest_check_agrees_on_every_rank(bad: bool) -> None:
+    world = 3
+    # rank r sends 10 + r elements to every other rank; rank 2 expects one element too few
+    # from rank 0 when bad
+    lists = {
+        r: _ops(
+            [(OpKind.SEND, p, 10 + r) for p in range(world) if p != r]
+            + [
+                (OpKind.RECV, p, 10 + p - (1 if bad and (r, p) == (2, 0) else 0))
+                for p in range(world)
+                if p != r
+            ]
+        )
+        for r in range(world)
+    }
+    manifests = {r: _manifest.build(op_table(lists[r]), world) for r in range(world)}
+    desc = _encode(np.zeros((0, 3), dtype=np.int64), [])
+    messages = {r: _with_manifest(manifests[r].numpy().tobytes(), desc) for r in range(world)}
+    for r in range(world):
+        check = _checker(world, r)._check_manifests
+        theirs = {p: messages[p] for p in range(world) if p != r}
+        if bad:
+            with pytest.raises(aeplb.PeerMismatchError, match="rank 0 sends 1 tensor"):
+                check(manifests[r], theirs)
+        else:
+            check(manifests[r], theirs)

@@ -59,6 +59,9 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
             row.pop("times", None)
             merged.append(row)
             continue
+        pauses = [p for r in rows for p in r.get("gc_pauses_ms", [])]
+        if pauses:  # the longest collector pauses on any rank
+            row["gc_pauses_ms"] = sorted(pauses, key=lambda p: -p[1])[:5]
         row["max_stall_ms"] = max(r["max_stall_ms"] for r in rows)
         row["p99_stall_ms"] = max(r["p99_stall_ms"] for r in rows)
         if "times" in row:
@@ -179,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         if "phases_ms" in r:
             parts = "  ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
             print(f"phases (ms, rank 0) {r['workload']} {r['variant']}: {parts}")
+    for r in rows:
+        if r.get("gc_pauses_ms"):
+            parts = "  ".join(f"gen{g} {ms:.1f}" for g, ms in r["gc_pauses_ms"])
+            print(f"gc pauses in execute() (ms, any rank) {r['workload']} {r['variant']}: {parts}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import sys
 import time
@@ -43,6 +44,28 @@ class Ticker:
         self.active = False
         s = sorted(self.stalls) or [0.0]
         return s[-1] * 1e3, s[int(0.99 * (len(s) - 1))] * 1e3
+
+
+class GCWatch:
+    """Times the garbage collector's pauses while active: they stop every thread."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []  # (generation, seconds)
+        self.active = False
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        elif self.active:
+            self.pauses.append((info["generation"], time.perf_counter() - self._began))
+
+    def __enter__(self) -> GCWatch:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 def _seed(src: int, dst: int, index: int) -> int:
@@ -159,37 +182,49 @@ class Bench:
     async def ours(self, w: Workload, name: str, backend: str, options: dict[str, Any]) -> Row:
         comm = aeplb.create_communicator(backend, device=self.device, **options)
         sends, recvs = self.tensors(w)
-        times, cpu = [], []
+        times: list[float] = []
+        cpu: list[float] = []
         queue_ms: list[float] = []
         check_ms: list[float] = []
         phases: list[dict[str, float]] = []
-        stall = (0.0, 0.0)
-        stalls_max, stalls_p99 = [], []
-        for i in range(self.warmup + self.reps):
-            await anyio.to_thread.run_sync(self.sync)
-            c0, t0 = time.process_time(), time.perf_counter()
-            for p in self.peers:
-                for t in sends[p]:
-                    comm.add_send(t, p)
-                for t in recvs[p]:
-                    comm.add_recv(t, p)
-            tq = time.perf_counter()
-            # the stall that matters is the one execute() causes; queueing is the caller's
-            # own synchronous code and is reported apart
-            self.ticker.begin()
-            stats = await comm.execute()
-            check_ms.append(stats.check_seconds * 1e3)
-            phases.append(dict(getattr(comm._transport, "phases", {})))
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            stall = self.ticker.end()
-            queue_ms.append((tq - t0) * 1e3)
-            if i == 0:
-                self.verify(w, recvs)
-            if i >= self.warmup:
-                times.append(dt)
-                cpu.append(dc)
-                stalls_max.append(stall[0])
-                stalls_p99.append(stall[1])
+        stalls_max: list[float] = []
+        stalls_p99: list[float] = []
+        gc_watch = GCWatch()
+        with gc_watch:
+            for i in range(self.warmup + self.reps):
+                await anyio.to_thread.run_sync(self.sync)
+                c0, t0 = time.process_time(), time.perf_counter()
+                for p in self.peers:
+                    for t in sends[p]:
+                        comm.add_send(t, p)
+                    for t in recvs[p]:
+                        comm.add_recv(t, p)
+                tq = time.perf_counter()
+                # the stall that matters is the one execute() causes; queueing is the caller's
+                # own synchronous code and is reported apart
+                self.ticker.begin()
+                gc_watch.active = i >= self.warmup
+                stats = await comm.execute()
+                gc_watch.active = False
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                check_ms.append(stats.check_seconds * 1e3)
+                phases.append(
+                    {
+                        # execute() until the worker started; the worker's end until here
+                        "handoff": stats.seconds - stats.transfer_seconds,
+                        **getattr(comm._transport, "phases", {}),
+                        "wake": dt - (tq - t0) - stats.seconds,
+                    }
+                )
+                stall = self.ticker.end()
+                queue_ms.append((tq - t0) * 1e3)
+                if i == 0:
+                    self.verify(w, recvs)
+                if i >= self.warmup:
+                    times.append(dt)
+                    cpu.append(dc)
+                    stalls_max.append(stall[0])
+                    stalls_p99.append(stall[1])
         self.verify(w, recvs)
         staging = int(getattr(comm._transport, "staging_bytes", 0))
         await comm.aclose()
@@ -197,8 +232,12 @@ class Bench:
         row["options"] = {k: v for k, v in options.items() if k != "timeout"}
         row["queue_ms"] = statistics.median(queue_ms[self.warmup :])
         row["check_ms"] = statistics.median(check_ms[self.warmup :])
-        timed = [p for p in phases[self.warmup :] if p]
-        if timed:  # where the worker's time went (ipc)
+        # collector pauses inside timed execute() calls: (generation, ms), longest first
+        row["gc_pauses_ms"] = sorted(
+            ((g, p * 1e3) for g, p in gc_watch.pauses), key=lambda x: -x[1]
+        )[:5]
+        timed = [p for p in phases[self.warmup :] if len(p) > 2]
+        if timed:  # where the time went (ipc)
             row["phases_ms"] = {
                 key: statistics.median(p[key] for p in timed) * 1e3 for key in timed[0]
             }

@@ -16,6 +16,9 @@ class Transport(abc.ABC):
     """
 
     name: str = "?"
+    # True when run() checks batch.manifest itself, carried in messages it exchanges
+    # anyway, so the communicator skips its own all-gather of the manifests.
+    checks_in_band: bool = False
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank

@@ -82,11 +82,20 @@ class CudaTransport(Transport):
             done.record(stream)
         return done
 
-    @staticmethod
-    def start(batch: PreparedBatch, ready: object | None, stream: torch.cuda.Stream) -> None:
+    @classmethod
+    def start(cls, batch: PreparedBatch, ready: object | None, stream: torch.cuda.Stream) -> None:
         """Enqueues, on ``stream``, the wait for the caller's work and the self-copies."""
+        cls.wait_ready(ready, stream)
+        cls.self_copies(batch)
+
+    @staticmethod
+    def wait_ready(ready: object | None, stream: torch.cuda.Stream) -> None:
         if isinstance(ready, torch.cuda.Event):
             stream.wait_event(ready)
+
+    @staticmethod
+    def self_copies(batch: PreparedBatch) -> None:
+        """Enqueues the batch's copies to itself on the current stream."""
         for src, dst in batch.copies:
             dst.view(-1).copy_(src.view(-1), non_blocking=True)
 

@@ -17,6 +17,8 @@ import ctypes
 import threading
 from typing import Any, Final, NamedTuple
 
+import numpy as np
+
 from .._exceptions import BackendUnavailableError
 
 _SONAME: Final = "libcuda.so.1"
@@ -42,6 +44,23 @@ class CUDAError(RuntimeError):
 
 class _IpcMemHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+
+
+class _MemLocation(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+
+class _MemcpyAttributes(ctypes.Structure):
+    _fields_ = [
+        ("src_access_order", ctypes.c_int),
+        ("src_loc_hint", _MemLocation),
+        ("dst_loc_hint", _MemLocation),
+        ("flags", ctypes.c_uint),
+    ]
+
+
+# CUmemcpySrcAccessOrder: the sources are read in stream order, like cuMemcpyAsync
+_SRC_ACCESS_ORDER_STREAM: Final = 1
 
 
 class Allocation(NamedTuple):
@@ -170,3 +189,48 @@ class Driver:
         code = fn(dst, src, nbytes, stream)
         if code != CUDA_SUCCESS:
             raise CUDAError("cuMemcpyDtoDAsync_v2", code, self.error_string(code))
+
+    @property
+    def has_copy_batch(self) -> bool:
+        """Whether the driver has cuMemcpyBatchAsync (CUDA 12.8 and later)."""
+        try:
+            self._function("cuMemcpyBatchAsync")
+        except BackendUnavailableError:
+            return False
+        return True
+
+    def copy_batch_async(
+        self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int
+    ) -> None:
+        """Many device-to-device copies in one call (``cuMemcpyBatchAsync``, 12.8 ABI).
+
+        The arrays hold one pointer or byte count per copy. The batch runs in stream order;
+        copies within it may run in any order, so they must not overlap each other.
+        """
+        n = len(dsts)
+        if not n:
+            return
+        fn = self._fn.get("cuMemcpyBatchAsync")
+        if fn is None or fn.argtypes is None:
+            fn = self._function("cuMemcpyBatchAsync")
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t] + [ctypes.c_void_p] * 2
+            fn.argtypes += [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        arrays = [np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]
+        if any(len(a) != n for a in arrays):
+            raise ValueError("copy_batch_async needs as many sources and sizes as destinations")
+        attrs = _MemcpyAttributes(_SRC_ACCESS_ORDER_STREAM)
+        first = ctypes.c_size_t(0)
+        failed = ctypes.c_size_t(0)
+        code = fn(
+            *(a.ctypes.data for a in arrays),
+            n,
+            ctypes.byref(attrs),
+            ctypes.byref(first),
+            1,
+            ctypes.byref(failed),
+            stream,
+        )
+        if code != CUDA_SUCCESS:
+            raise CUDAError(
+                f"cuMemcpyBatchAsync (copy {failed.value} of {n})", code, self.error_string(code)
+            )

@@ -158,7 +158,8 @@ class Mailbox:
                     if not self._alive(peer):
                         raise PeerExitedError(f"the process of local rank {peer} has exited")
             if now - began > _SPIN_S:
-                delay = min(max(delay * 2, 10e-6), _POLL_MAX_S)
+                # a late peer delays this rank by at most ~1/16 of the wait so far
+                delay = min(max(delay * 2, 10e-6), (now - began) / 16, _POLL_MAX_S)
             time.sleep(delay)  # sleep(0) still lets the event loop's thread take the GIL
         return got
 
