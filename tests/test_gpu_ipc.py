@@ -114,6 +114,61 @@ async def mismatch_checked_in_band(rank: int, world: int) -> None:
         same_bytes(mine, gpu_payload(3, (5,), torch.float32))
 
 
+async def adjacent_tensors_merge(rank: int, world: int) -> list[int]:
+    """Slices that sit back to back on both sides go as one copy; data lands in order."""
+    peer = 1 - rank
+    counted: list[int] = []
+    async with aeplb.create_communicator("ipc", timeout=60) as comm:
+        driver = comm._transport._driver  # type: ignore[attr-defined]
+        batch_copy, one_copy = driver.copy_batch_async, driver.copy_async
+
+        def count_batch(dsts: object, srcs: object, sizes: list[int], stream: int) -> None:
+            counted.append(len(sizes))
+            batch_copy(dsts, srcs, sizes, stream)
+
+        def count_one(dst: int, src: int, n: int, stream: int) -> None:
+            counted.append(1)
+            one_copy(dst, src, n, stream)
+
+        driver.copy_batch_async, driver.copy_async = count_batch, count_one
+        try:
+            for layout in ("slices", "separate"):
+                counted.clear()
+                if layout == "slices":
+                    send = gpu_payload(seed_of(rank, peer, 1), (100, 4096), torch.bfloat16)
+                    sends = list(send.unbind(0))
+                    recv = poisoned((100, 4096), torch.bfloat16)
+                    recvs = list(recv.unbind(0))
+                else:  # small tensors from the caching allocator, one after another
+                    sends = [
+                        gpu_payload(seed_of(rank, peer, 2, i), (4096,), torch.bfloat16)
+                        for i in range(100)
+                    ]
+                    recvs = [poisoned((4096,), torch.bfloat16) for _ in range(100)]
+                # every other one reversed: these cannot join their neighbours
+                order = list(range(50)) + list(range(99, 49, -1))
+                for i in order:
+                    comm.add_send(sends[i], peer)
+                    comm.add_recv(recvs[i], peer)
+                await comm.execute()
+                wants = (
+                    list(gpu_payload(seed_of(peer, rank, 1), (100, 4096), torch.bfloat16))
+                    if layout == "slices"
+                    else [
+                        gpu_payload(seed_of(peer, rank, 2, i), (4096,), torch.bfloat16)
+                        for i in range(100)
+                    ]
+                )
+                for i, (got, want) in enumerate(zip(recvs, wants, strict=True)):
+                    same_bytes(got, want, f"{layout} tensor {i}")
+                if layout == "slices":
+                    # the first 50 join into one copy; the reversed 50 stay apart
+                    assert sum(counted) == 51, counted
+        finally:
+            driver.copy_batch_async, driver.copy_async = batch_copy, one_copy
+    return counted
+
+
 async def no_kernels(rank: int, world: int) -> list[str]:
     """The profiler sees copies on the GPU during execute(), and no kernel at all."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,6 +276,11 @@ def test_mismatch_without_manifest_writes_nothing(gpus2: RankPool) -> None:
 
 def test_mismatch_is_checked_in_band(gpus2: RankPool) -> None:
     gpus2.run(mismatch_checked_in_band, backend="trio", pg_backend=PG)
+
+
+def test_adjacent_tensors_merge_into_fewer_copies(gpus2: RankPool) -> None:
+    counted = gpus2.run(adjacent_tensors_merge, backend="asyncio", pg_backend=PG)
+    print("COPIES FOR 100 SEPARATE SMALL TENSORS", counted)
 
 
 def test_no_kernel_runs(gpus2: RankPool) -> None:

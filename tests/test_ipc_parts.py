@@ -54,25 +54,23 @@ def test_descriptors_round_trip() -> None:
 
 
 def test_copies_merge_only_where_both_sides_continue() -> None:
-    big = torch.zeros(100)
-    other = torch.zeros(100)
-    copies = [  # dst, src, bytes, destination buffer id, source tensor
-        (1000, 50, 10, 1, big[:10]),
-        (1010, 60, 5, 1, big[10:]),
-        (1015, 70, 5, 1, big),  # source does not continue
-        (2000, 75, 1, 1, big),
-        (2001, 76, 4, 1, big),
-        (2005, 80, 4, 2, big),  # continues on both sides, but into another allocation
-        (2009, 84, 4, 2, other),  # ... and from another source storage
+    copies = [  # dst, src, bytes, destination buffer id, source allocation
+        (1000, 50, 10, 1, 7),
+        (1010, 60, 5, 1, 7),
+        (1015, 70, 5, 1, 7),  # source does not continue
+        (2000, 75, 1, 1, 7),
+        (2001, 76, 4, 1, 7),
+        (2005, 80, 4, 2, 7),  # continues on both sides, but into another allocation
+        (2009, 84, 4, 2, 8),  # ... and from another source allocation
     ]
-    columns = [np.array([c[i] for c in copies], dtype=np.int64) for i in range(4)]
-    asked: list[int] = []
+    columns = [np.array([c[i] for c in copies], dtype=np.int64) for i in range(5)]
+    asked = []
 
-    def storage(k: int) -> int:
-        asked.append(k)
-        return copies[k][4].untyped_storage().data_ptr()
+    def sources() -> np.ndarray:
+        asked.append(1)
+        return columns[4]
 
-    dsts, srcs, lengths = _merged(*columns, storage)
+    dsts, srcs, lengths = _merged(*columns[:4], sources)
     assert list(zip(dsts.tolist(), srcs.tolist(), lengths.tolist(), strict=True)) == [
         (1000, 50, 15),
         (1015, 70, 5),
@@ -80,9 +78,30 @@ def test_copies_merge_only_where_both_sides_continue() -> None:
         (2005, 80, 4),
         (2009, 84, 4),
     ]
-    assert sorted(set(asked)) == [0, 1, 3, 4, 5, 6]  # not for 4 -> 5: another allocation
+    assert asked == [1]
+    # no copy continues another: the source allocations are never looked up
+    apart = [np.array(v, dtype=np.int64) for v in ([0, 100], [0, 100], [10, 10], [1, 1])]
+    assert [a.tolist() for a in _merged(*apart, sources)] == [[0, 100], [0, 100], [10, 10]]
+    assert asked == [1]
     empty = np.zeros(0, dtype=np.int64)
-    assert all(len(a) == 0 for a in _merged(empty, empty, empty, empty, storage))
+    assert all(len(a) == 0 for a in _merged(empty, empty, empty, empty, sources))
+
+
+def test_owners_query_once_per_allocation() -> None:
+    a, b = torch.zeros(1000), torch.zeros(64)
+    driver = _StandInDriver([a, b])
+    transport, _ = _describer(driver)
+    views = [a[500:], b, a[:10], b[3:], a[10:20]]
+    ptrs = np.array([v.data_ptr() for v in views], dtype=np.int64)
+    owner, allocs = transport._owners(ptrs)
+    assert driver.queries == 2
+    assert [allocs[k].base for k in owner.tolist()] == [
+        a.data_ptr(),
+        b.data_ptr(),
+        a.data_ptr(),
+        b.data_ptr(),
+        a.data_ptr(),
+    ]
 
 
 def test_receiver_and_sender_caches_agree() -> None:

@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() on each rank after start-up, as tuned servers do: full collections "
+        "of a large heap otherwise stop the event loop for tens of ms",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="draw bandwidth vs message size to this PNG")
     return p.parse_args(argv)
@@ -59,9 +65,10 @@ def _merge(per_rank: list[list[Row]]) -> list[Row]:
             row.pop("times", None)
             merged.append(row)
             continue
-        pauses = [p for r in rows for p in r.get("gc_pauses_ms", [])]
-        if pauses:  # the longest collector pauses on any rank
-            row["gc_pauses_ms"] = sorted(pauses, key=lambda p: -p[1])[:5]
+        for key in ("gc_pauses_ms", "gc_queue_pauses_ms"):
+            pauses = [p for r in rows for p in r.get(key, [])]
+            if pauses:  # the longest collector pauses on any rank
+                row[key] = sorted(pauses, key=lambda p: -p[1])[:5]
         row["max_stall_ms"] = max(r["max_stall_ms"] for r in rows)
         row["p99_stall_ms"] = max(r["p99_stall_ms"] for r in rows)
         if "times" in row:
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "nccl": _nccl_version(),
         "argv": sys.argv,
         "reps": args.reps,
+        "gc_freeze": args.gc_freeze,
     }
     print(_table(rows))
     for r in rows:
@@ -183,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             parts = "  ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
             print(f"phases (ms, rank 0) {r['workload']} {r['variant']}: {parts}")
     for r in rows:
-        if r.get("gc_pauses_ms"):
-            parts = "  ".join(f"gen{g} {ms:.1f}" for g, ms in r["gc_pauses_ms"])
-            print(f"gc pauses in execute() (ms, any rank) {r['workload']} {r['variant']}: {parts}")
+        for key, where in (("gc_pauses_ms", "execute()"), ("gc_queue_pauses_ms", "queueing")):
+            if r.get(key):
+                parts = "  ".join(f"gen{g} {ms:.1f}" for g, ms in r[key])
+                label = f"{r['workload']} {r['variant']}"
+                print(f"gc pauses in {where} (ms, any rank) {label}: {parts}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

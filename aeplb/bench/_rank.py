@@ -26,19 +26,23 @@ class Ticker:
     def __init__(self) -> None:
         self.stalls: list[float] = []
         self.active = False
+        self._last = 0.0
 
     async def run(self, stop: anyio.Event) -> None:
-        last = time.perf_counter()
+        self._last = time.perf_counter()
         while not stop.is_set():
             await anyio.sleep(0.001)
             now = time.perf_counter()
             if self.active:
-                self.stalls.append(now - last - 0.001)
-            last = now
+                self.stalls.append(now - self._last - 0.001)
+            self._last = now
 
     def begin(self) -> None:
+        """Starts measuring now: code the loop ran before (the caller's queueing) is not
+        counted against the call that follows."""
         self.stalls = []
         self.active = True
+        self._last = time.perf_counter()
 
     def end(self) -> tuple[float, float]:
         self.active = False
@@ -189,16 +193,18 @@ class Bench:
         phases: list[dict[str, float]] = []
         stalls_max: list[float] = []
         stalls_p99: list[float] = []
-        gc_watch = GCWatch()
-        with gc_watch:
+        gc_watch, gc_queue = GCWatch(), GCWatch()
+        with gc_watch, gc_queue:
             for i in range(self.warmup + self.reps):
                 await anyio.to_thread.run_sync(self.sync)
                 c0, t0 = time.process_time(), time.perf_counter()
+                gc_queue.active = i >= self.warmup
                 for p in self.peers:
                     for t in sends[p]:
                         comm.add_send(t, p)
                     for t in recvs[p]:
                         comm.add_recv(t, p)
+                gc_queue.active = False
                 tq = time.perf_counter()
                 # the stall that matters is the one execute() causes; queueing is the caller's
                 # own synchronous code and is reported apart
@@ -235,6 +241,10 @@ class Bench:
         # collector pauses inside timed execute() calls: (generation, ms), longest first
         row["gc_pauses_ms"] = sorted(
             ((g, p * 1e3) for g, p in gc_watch.pauses), key=lambda x: -x[1]
+        )[:5]
+        # ... and inside the caller's queueing (add_send/add_recv) before them
+        row["gc_queue_pauses_ms"] = sorted(
+            ((g, p * 1e3) for g, p in gc_queue.pauses), key=lambda x: -x[1]
         )[:5]
         timed = [p for p in phases[self.warmup :] if len(p) > 2]
         if timed:  # where the time went (ipc)

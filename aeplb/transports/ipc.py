@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from .. import _cuda, _manifest
 from .._exceptions import BackendUnavailableError, InvalidTransferError, PeerMismatchError
-from .._ops import IS_RECV, NBYTES, PEER, PTR, Op, OpKind, PreparedBatch
+from .._ops import IS_RECV, NBYTES, PEER, PTR, OpKind, PreparedBatch
 from ._cudabase import CudaTransport
 from ._libcuda import IPC_HANDLE_BYTES, Allocation, CUDAError, Driver
 from ._mailbox import Mailbox
@@ -422,7 +423,7 @@ class IPCTransport(CudaTransport):
                 assert self._remote is not None
                 self._remote.launch(PreparedBatch(ops=remote_ops), stream)
         if node is not None:
-            replies = self._send_all(node, batch.ops, table, sends, tables, problems)
+            replies = self._send_all(node, table, sends, tables, problems)
             t3 = time.perf_counter()
             # every pair replies, so a mismatch is reported on both of its ranks
             statuses = node.mailbox.exchange(_DONE, replies, indices, deadline)
@@ -482,30 +483,18 @@ class IPCTransport(CudaTransport):
         if not len(live):
             return _encode(out, [])
         ptrs = rows[live, PTR]
-        order = np.argsort(ptrs, kind="stable")
-        by_address = ptrs[order].tolist()
-        # Receive tensors are alive, so the addresses from one that lies inside an allocation
-        # up to that allocation's end belong to it: one driver query per allocation.
-        owner_by_address = np.empty(len(live), dtype=np.int64)
-        allocs: list[Allocation] = []
-        i = 0
-        while i < len(by_address):
-            alloc = self._driver.allocation(by_address[i])
-            if not alloc.ipc_capable:
-                rejected.append(
-                    f"add_recv: tensor {int(live[order[i]])} from rank {peer.rank} lies in "
-                    "memory that CUDA IPC cannot share (PYTORCH_CUDA_ALLOC_CONF="
-                    "expandable_segments:True or a custom allocator); receive into "
-                    "tensors from the default CUDA caching allocator or use "
-                    "backend='nccl'. Nothing moved from that rank."
-                )
-                return _refusal(rejected[-1])
-            j = bisect.bisect_left(by_address, alloc.base + alloc.size, i + 1)
-            owner_by_address[i:j] = len(allocs)
-            allocs.append(alloc)
-            i = j
-        owner = np.empty_like(owner_by_address)
-        owner[order] = owner_by_address
+        owner, allocs = self._owners(ptrs)
+        capable = np.array([a.ipc_capable for a in allocs], dtype=bool)
+        refused = np.flatnonzero(~capable[owner])
+        if len(refused):
+            rejected.append(
+                f"add_recv: tensor {int(live[refused[0]])} from rank {peer.rank} lies in "
+                "memory that CUDA IPC cannot share (PYTORCH_CUDA_ALLOC_CONF="
+                "expandable_segments:True or a custom allocator); receive into "
+                "tensors from the default CUDA caching allocator or use "
+                "backend='nccl'. Nothing moved from that rank."
+            )
+            return _refusal(rejected[-1])
         ids = np.array([a.buffer_id for a in allocs], dtype=np.int64)
         bases = np.array([a.base for a in allocs], dtype=np.int64)
         out[live, 0] = ids[owner]
@@ -518,6 +507,30 @@ class IPCTransport(CudaTransport):
             if peer.mine.touch(alloc.buffer_id, alloc.base, alloc.size, self._batches)[0]:
                 new.append((alloc.buffer_id, alloc.base, alloc.size, self._handle(alloc)))
         return _encode(out, new)
+
+    def _owners(self, ptrs: np.ndarray) -> tuple[np.ndarray, list[Allocation]]:
+        """The allocation each (live) pointer lies in, as an index into the returned list.
+
+        The tensors are alive, so the addresses from one that lies inside an allocation up
+        to that allocation's end belong to it: one driver query per allocation.
+        """
+        order = np.argsort(ptrs, kind="stable")
+        by_address = ptrs[order].tolist()
+        owner_by_address = np.empty(len(ptrs), dtype=np.int64)
+        allocs: list[Allocation] = []
+        i = 0
+        while i < len(by_address):
+            alloc = self._driver.allocation(by_address[i])
+            j = bisect.bisect_left(by_address, alloc.base + alloc.size, i + 1)
+            owner_by_address[i:j] = len(allocs)
+            allocs.append(alloc)
+            i = j
+        owner = np.empty_like(owner_by_address)
+        owner[order] = owner_by_address
+        return owner, allocs
+
+    def _source_owners(self, srcs: np.ndarray) -> np.ndarray:
+        return self._owners(srcs)[0]
 
     def _handle(self, alloc: Allocation) -> bytes:
         handle = self._handles.get(alloc.buffer_id)
@@ -557,7 +570,6 @@ class IPCTransport(CudaTransport):
     def _send_all(
         self,
         node: Node,
-        ops: list[Op],
         table: np.ndarray,
         sends: dict[int, np.ndarray],
         descs: dict[int, tuple[str | None, np.ndarray]],
@@ -591,17 +603,13 @@ class IPCTransport(CudaTransport):
                 continue
             bids, inverse = np.unique(theirs[live, 0], return_inverse=True)
             mapped = np.array([peer.mapped[b] for b in bids.tolist()], dtype=np.int64)
-            sent = mine[live]
-
-            def storage(k: int, sent: np.ndarray = sent) -> int:
-                return int(ops[int(sent[k])].tensor.untyped_storage().data_ptr())
-
+            srcs = table[mine[live], PTR]
             dsts, srcs, lengths = _merged(
                 mapped[inverse] + theirs[live, 1],
-                table[sent, PTR],
+                srcs,
                 sizes[live],
                 theirs[live, 0],
-                storage,
+                partial(self._source_owners, srcs),
             )
             copy_stream.wait_event(peer.ready)
             handle = copy_stream.cuda_stream
@@ -658,21 +666,21 @@ def _merged(
     srcs: np.ndarray,
     lengths: np.ndarray,
     bids: np.ndarray,
-    storage: Callable[[int], int],
+    source_allocations: Callable[[], np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Joins copies whose source and destination both continue the previous one's.
 
     Only within one allocation on each side (the same destination buffer id, the same
-    source storage as ``storage(index)`` tells): a copy may not span two allocations, even
-    ones that sit back to back.
+    source allocation as ``source_allocations()`` numbers them, asked only when some copy
+    continues another): a copy may not span two allocations, even back to back ones.
     """
     if len(dsts) < 2:
         return dsts, srcs, lengths
     ends = lengths[:-1]
     joins = (dsts[1:] == dsts[:-1] + ends) & (srcs[1:] == srcs[:-1] + ends)
     joins &= bids[1:] == bids[:-1]
-    for k in np.flatnonzero(joins).tolist():
-        if storage(k) != storage(k + 1):
-            joins[k] = False
+    if joins.any():
+        owners = source_allocations()
+        joins &= owners[1:] == owners[:-1]
     starts = np.flatnonzero(np.concatenate(([True], ~joins)))
     return dsts[starts], srcs[starts], np.add.reduceat(lengths, starts)
