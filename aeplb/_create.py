@@ -137,7 +137,8 @@ def create_communicator(
             manifest (op count, bytes and a digest of dtypes and sizes per peer) so that
             op lists which do not pair up raise PeerMismatchError on every rank instead of
             hanging. With it on, every rank of the group must call ``execute()`` for every
-            batch, even with nothing queued.
+            batch, even with nothing queued. On ipc with every rank on one node the
+            manifests ride with the buffer descriptors, so the check adds no round trip.
             ``coalesce`` (nccl, pynccl, and ipc's NCCL for other nodes; default True):
             send all tensors for one peer as one byte stream in ``chunk_bytes`` pieces
             (default 256 MiB), packing pieces that span several tensors into a device
