@@ -89,21 +89,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 def op_table(ops: list[Op]) -> np.ndarray:
     """The [ops, 6] int64 table of ``ops`` (columns PEER ... PTR)."""
     flat: list[int] = []
-    codes = _DTYPE_CODES
     recv = OpKind.RECV
     for op in ops:
         t = op.tensor
-        dtype = t.dtype
-        code = codes.get(dtype)
         flat.extend(
-            (
-                op.peer,
-                op.kind is recv,
-                dtype_code(dtype) if code is None else code,
-                t.numel(),
-                t.nbytes,
-                t.data_ptr(),
-            )
+            (op.peer, op.kind is recv, dtype_code(t.dtype), t.numel(), t.nbytes, t.data_ptr())
         )
     return np.array(flat, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
 

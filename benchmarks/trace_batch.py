@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 import aeplb
+from aeplb.bench._driver import variants
 from aeplb.bench._spawn import init_rank, run_ranks
 from aeplb.bench._workloads import eplb, fill
 
@@ -43,15 +44,6 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--reps", type=int, default=10, help="batches timed after the trace")
     return p.parse_args()
-
-
-def _options(spec: str) -> tuple[str, dict[str, Any]]:
-    name, *opts = spec.split(":")
-    options: dict[str, Any] = {}
-    for o in opts:
-        key, value = o.split("=", 1)
-        options[key] = bool(int(value)) if key in ("coalesce", "check_peers") else int(value)
-    return name, options
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -82,7 +74,7 @@ async def _batch(rank: int, args: argparse.Namespace) -> tuple[profile, bool]:
     w = eplb(args.experts, 1)
     sends = [fill(s, w.dtype, device, 1000 * rank + i) for i, s in enumerate(w.shapes)]
     recvs = [torch.empty(s, dtype=w.dtype, device=device) for s in w.shapes]
-    name, options = _options(args.backend)
+    _, name, options = variants(args.backend)[0]
     if args.pack != "default":  # an experiment's switch: the packer's private threshold
         from aeplb.transports import _packing
 
