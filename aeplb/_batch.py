@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._ops import Op, OpKind
+from ._ops import OpKind, OpQueue
 from ._stats import TransferStats
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ class Batch:
     def __init__(self, communicator: Communicator, timeout: float | None) -> None:
         self._comm = communicator
         self._timeout = timeout
-        self._ops: list[Op] = []
+        self._ops = OpQueue()
         self.stats: TransferStats | None = None
 
     @property
@@ -32,11 +32,11 @@ class Batch:
 
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
         """Adds sending ``tensor`` to ``dst_rank`` to this batch."""
-        self._ops.append(self._comm._make_op(OpKind.SEND, tensor, dst_rank))
+        self._ops.add(self._comm._make_op(OpKind.SEND, tensor, dst_rank), self._comm.rank)
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         """Adds receiving into ``tensor`` from ``src_rank`` to this batch."""
-        self._ops.append(self._comm._make_op(OpKind.RECV, tensor, src_rank))
+        self._ops.add(self._comm._make_op(OpKind.RECV, tensor, src_rank), self._comm.rank)
 
     async def __aenter__(self) -> Batch:
         self._comm._check_usable()
@@ -48,6 +48,6 @@ class Batch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        ops, self._ops = self._ops, []
+        ops, self._ops = self._ops, OpQueue()
         if exc_type is None:
             self.stats = await self._comm._execute_ops(ops, self._timeout)

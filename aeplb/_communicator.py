@@ -20,7 +20,7 @@ from ._exceptions import (
     InvalidTransferError,
     TransferTimeoutError,
 )
-from ._ops import Op, OpKind, PreparedBatch, check_op, prepare
+from ._ops import Op, OpKind, OpQueue, PreparedBatch, check_op, prepare
 from ._runtime import Job, Worker
 from ._stats import CommunicatorStatistics, TransferStats
 from .transports._cudabase import CudaTransport
@@ -114,7 +114,7 @@ class Communicator:
                     "on the network and would block the calling thread"
                 )
         self._enqueue_on_caller = enqueue_on == "caller"
-        self._queue: list[Op] = []
+        self._queue = OpQueue()
         self._worker = Worker(f"aeplb-{transport.name}")
         self._lock = threading.Lock()
         self._in_flight: collections.deque[Job[_Outcome]] = collections.deque()
@@ -163,7 +163,7 @@ class Communicator:
             ClosedCommunicatorError: the communicator was closed.
             BrokenCommunicatorError: an earlier failure made it unusable.
         """
-        self._queue.append(self._make_op(OpKind.SEND, tensor, dst_rank))
+        self._queue.add(self._make_op(OpKind.SEND, tensor, dst_rank), self._transport.rank)
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         """Queues receiving into ``tensor`` from ``src_rank`` (a rank within the group).
@@ -173,12 +173,12 @@ class Communicator:
             ClosedCommunicatorError: the communicator was closed.
             BrokenCommunicatorError: an earlier failure made it unusable.
         """
-        self._queue.append(self._make_op(OpKind.RECV, tensor, src_rank))
+        self._queue.add(self._make_op(OpKind.RECV, tensor, src_rank), self._transport.rank)
 
     def clear(self) -> int:
         """Discards the queued ops and returns how many there were."""
         count = len(self._queue)
-        self._queue = []
+        self._queue = OpQueue()
         return count
 
     def batch(self, *, timeout: float | None = None) -> Batch:
@@ -198,8 +198,9 @@ class Communicator:
         self._transport.set_stream(stream)
 
     def _make_op(self, kind: OpKind, tensor: object, peer: object) -> Op:
-        self._check_usable()
-        op = check_op(kind, tensor, peer, self.world_size)
+        if self._closed or self._broken is not None:
+            self._check_usable()
+        op = check_op(kind, tensor, peer, self._transport.world_size)
         self._transport.check_tensor(op.tensor, "add_send" if kind is OpKind.SEND else "add_recv")
         return op
 
@@ -242,7 +243,7 @@ class Communicator:
         return await self._execute_ops(self._queue, timeout, from_queue=True)
 
     async def _execute_ops(
-        self, ops: list[Op], timeout: float | None, *, from_queue: bool = False
+        self, ops: OpQueue, timeout: float | None, *, from_queue: bool = False
     ) -> TransferStats:
         pending = self._start(ops, timeout, from_queue=from_queue)
         try:
@@ -288,7 +289,7 @@ class Communicator:
             self._last_error = error
         raise error
 
-    def _start(self, ops: list[Op], timeout: float | None, *, from_queue: bool) -> _Pending:
+    def _start(self, ops: OpQueue, timeout: float | None, *, from_queue: bool) -> _Pending:
         self._check_usable()
         if self._awaiting:
             raise BusyCommunicatorError(
@@ -316,7 +317,7 @@ class Communicator:
             self._in_flight.append(job)
         job.add_done_callback(lambda: self._settle(job, batch))
         if from_queue and rejected is None:
-            self._queue = []
+            self._queue = OpQueue()
         self._awaiting = True
         return _Pending(job, batch, called_at, deadline, timeout, rejected)
 
@@ -467,7 +468,7 @@ class Communicator:
         if self._closed:
             return None
         self._closed = True
-        self._queue = []
+        self._queue = OpQueue()
         job = self._worker.submit(self._transport.close)
         self._worker.stop()
         return job if self._broken is None else None

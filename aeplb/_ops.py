@@ -98,6 +98,46 @@ def op_table(ops: list[Op]) -> np.ndarray:
     return np.array(flat, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
 
 
+class OpQueue:
+    """Ops in queue order, sorted as they arrive into network ops and self-transfers.
+
+    Each network op's op-table row and byte count are taken while the caller queues it,
+    when its tensor is at hand anyway, so ``execute()`` runs no per-op Python on the
+    caller's thread and the worker gets the table without asking each tensor again.
+    """
+
+    __slots__ = ("ops", "received", "rows", "self_recvs", "self_sends", "sends", "sent")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []  # network ops
+        self.rows: list[int] = []  # their op table, flattened
+        self.self_sends: list[Op] = []
+        self.self_recvs: list[Op] = []
+        self.sent = self.received = self.sends = 0
+
+    def __len__(self) -> int:
+        return len(self.ops) + len(self.self_sends) + len(self.self_recvs)
+
+    def add(self, op: Op, rank: int) -> None:
+        if op.peer == rank:
+            (self.self_sends if op.kind is OpKind.SEND else self.self_recvs).append(op)
+            return
+        t = op.tensor
+        dtype = t.dtype
+        code = _DTYPE_CODES.get(dtype)
+        if code is None:
+            code = dtype_code(dtype)
+        nbytes = t.nbytes
+        self.ops.append(op)
+        if op.kind is OpKind.SEND:
+            self.rows.extend((op.peer, 0, code, t.numel(), nbytes, t.data_ptr()))
+            self.sent += nbytes
+            self.sends += 1
+        else:
+            self.rows.extend((op.peer, 1, code, t.numel(), nbytes, t.data_ptr()))
+            self.received += nbytes
+
+
 @dataclass
 class PreparedBatch:
     """A batch split into network ops and local copies, with byte counts."""
@@ -107,24 +147,24 @@ class PreparedBatch:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_copied: int = 0
+    num_sends: int = 0
+    num_recvs: int = 0
     # this rank's manifest, for a transport that exchanges it itself (checks_in_band)
     manifest: torch.Tensor | None = None
+    # the op table flattened, as queued (OpQueue.rows); None: read it from the tensors
+    rows: list[int] | None = field(default=None, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def table(self) -> np.ndarray:
-        """``op_table(ops)``, built on first use (on the worker thread, not the caller's)."""
-        if self._table is None or len(self._table) != len(self.ops):
-            self._table = op_table(self.ops)
+        """The [ops, 6] op table, built on first use (on the worker, not the caller)."""
+        if self._table is None:
+            if self.rows is not None:
+                table = np.array(self.rows, dtype=np.int64).reshape(-1, _TABLE_COLUMNS)
+            else:
+                table = op_table(self.ops)
+            self._table = table
         return self._table
-
-    @property
-    def num_sends(self) -> int:
-        return sum(op.kind is OpKind.SEND for op in self.ops)
-
-    @property
-    def num_recvs(self) -> int:
-        return sum(op.kind is OpKind.RECV for op in self.ops)
 
     def tensors(self) -> list[torch.Tensor]:
         out = [op.tensor for op in self.ops]
@@ -133,28 +173,17 @@ class PreparedBatch:
         return out
 
 
-def prepare(ops: list[Op], rank: int) -> PreparedBatch:
+def prepare(queue: OpQueue, rank: int) -> PreparedBatch:
     """Pairs self-sends with self-receives in queue order; the rest are network ops."""
-    batch = PreparedBatch()
-    self_sends: list[Op] = []
-    self_recvs: list[Op] = []
-    sent = received = 0
-    for op in ops:
-        if op.peer == rank:
-            (self_sends if op.kind is OpKind.SEND else self_recvs).append(op)
-        else:
-            batch.ops.append(op)
-            if op.kind is OpKind.SEND:
-                sent += op.tensor.nbytes
-            else:
-                received += op.tensor.nbytes
-    batch.bytes_sent, batch.bytes_received = sent, received
+    self_sends, self_recvs = queue.self_sends, queue.self_recvs
     if len(self_sends) != len(self_recvs):
         raise InvalidTransferError(
             f"rank {rank} queued {len(self_sends)} send(s) to itself but {len(self_recvs)} "
             "receive(s) from itself; self-sends pair with self-receives in queue order, "
             "so queue one add_recv(tensor, own_rank) per add_send(tensor, own_rank)"
         )
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    copied = 0
     for i, (send, recv) in enumerate(zip(self_sends, self_recvs, strict=True)):
         s, r = send.tensor, recv.tensor
         if s.dtype != r.dtype or s.numel() != r.numel():
@@ -163,9 +192,18 @@ def prepare(ops: list[Op], rank: int) -> PreparedBatch:
                 f"paired receive is {r.dtype} x {r.numel()}; the i-th self-send pairs with the "
                 "i-th self-receive, so queue them with matching dtype and element count"
             )
-        batch.copies.append((s, r))
-        batch.bytes_copied += send.nbytes
-    return batch
+        copies.append((s, r))
+        copied += s.nbytes
+    return PreparedBatch(
+        ops=queue.ops,
+        copies=copies,
+        bytes_sent=queue.sent,
+        bytes_received=queue.received,
+        bytes_copied=copied,
+        num_sends=queue.sends,
+        num_recvs=len(queue.ops) - queue.sends,
+        rows=queue.rows,
+    )
 
 
 def per_peer(ops: list[Op]) -> dict[tuple[OpKind, int], list[Op]]:

@@ -7,7 +7,7 @@ import threading
 import torch
 
 from aeplb._exceptions import InvalidTransferError
-from aeplb._ops import OpKind, PreparedBatch
+from aeplb._ops import OpKind, PreparedBatch, op_table
 from aeplb.transports._base import Transport
 
 
@@ -29,6 +29,7 @@ class FakeTransport(Transport):
         self.fail_with: BaseException | None = None
         self.closed = False
         self.streams: list[object] = []
+        self.tables: list[tuple[object, object]] = []  # (batch.table, read again at run)
 
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         if tensor.device.type != "cpu":
@@ -51,6 +52,7 @@ class FakeTransport(Transport):
             if op.kind is OpKind.RECV:
                 op.tensor.fill_(self.fill)
         self.batches.append([op.tensor.numel() for op in batch.ops])
+        self.tables.append((batch.table.copy(), op_table(batch.ops)))
 
     def close(self) -> None:
         self.closed = True

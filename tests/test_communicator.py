@@ -8,6 +8,7 @@ import time
 import weakref
 
 import anyio
+import numpy as np
 import pytest
 import torch
 
@@ -176,6 +177,29 @@ async def test_self_pairs_validated_at_execute_queue_kept() -> None:
     with pytest.raises(aeplb.InvalidTransferError, match="matching dtype"):
         await comm.execute()
     assert comm.pending == 2
+    await comm.aclose()
+
+
+async def test_op_table_taken_at_queueing_matches_the_tensors() -> None:
+    transport = FakeTransport(rank=1, world_size=4)
+    comm = Communicator(transport, check_peers=False)
+    tensors = [
+        (torch.ones(5, dtype=torch.float16), 0, "send"),
+        (torch.ones(3), 1, "send"),  # self-transfers stay out of the table
+        (torch.zeros(2, 7, dtype=torch.int64), 3, "recv"),
+        (torch.zeros(3), 1, "recv"),
+        (torch.ones(11, dtype=torch.uint8)[2:], 2, "send"),  # a view at an offset
+        (torch.zeros(0), 0, "recv"),
+    ]
+    for t, peer, verb in tensors:
+        (comm.add_send if verb == "send" else comm.add_recv)(t, peer)
+    assert comm.pending == 6
+    stats = await comm.execute()
+    (queued, read), *_ = transport.tables
+    assert isinstance(queued, np.ndarray) and isinstance(read, np.ndarray)
+    assert queued.shape == (4, 6) and np.array_equal(queued, read)
+    assert (stats.num_sends, stats.num_recvs) == (2, 2)
+    assert (stats.bytes_sent, stats.bytes_received, stats.bytes_copied) == (10 + 9, 112, 12)
     await comm.aclose()
 
 

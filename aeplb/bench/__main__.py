@@ -45,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="gc.freeze() on each rank after start-up, as tuned servers do: full collections "
         "of a large heap otherwise stop the event loop for tens of ms",
     )
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="sys.setswitchinterval() on each rank, in ms (Python's default is 5): how long "
+        "a thread running Python may keep the GIL from the event loop's thread",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="draw bandwidth vs message size to this PNG")
     return p.parse_args(argv)
@@ -184,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv,
         "reps": args.reps,
         "gc_freeze": args.gc_freeze,
+        "switch_interval_ms": args.switch_interval,
     }
     print(_table(rows))
     for r in rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -64,6 +65,8 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
         # only newer objects, so they stop the event loop for far less time.
         gc.collect()
         gc.freeze()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1e3)
     async with anyio.create_task_group() as tg:
         tg.start_soon(bench.ticker.run, stop)
         bench.ticker.begin()

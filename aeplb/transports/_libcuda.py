@@ -62,6 +62,15 @@ class _MemcpyAttributes(ctypes.Structure):
 # CUmemcpySrcAccessOrder: the sources are read in stream order, like cuMemcpyAsync
 _SRC_ACCESS_ORDER_STREAM: Final = 1
 
+# Functions called with plain Python ints: 64-bit pointers and sizes need declaring.
+_ARGTYPES: Final[dict[str, list[Any]]] = {
+    "cuMemcpyDtoDAsync_v2": [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p],
+    "cuMemcpyBatchAsync": [ctypes.c_void_p] * 3
+    + [ctypes.c_size_t]
+    + [ctypes.c_void_p] * 2
+    + [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p],
+}
+
 
 class Allocation(NamedTuple):
     """The driver allocation a pointer lies in."""
@@ -107,6 +116,8 @@ class Driver:
                     f"the CUDA driver here has no {name}; update the NVIDIA driver"
                 ) from exc
             fn.restype = ctypes.c_int
+            if name in _ARGTYPES:
+                fn.argtypes = _ARGTYPES[name]
             self._fn[name] = fn
         return fn
 
@@ -182,11 +193,7 @@ class Driver:
 
     def copy_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """Device-to-device copy on ``stream``; across GPUs it runs on the copy engines."""
-        fn = self._fn.get("cuMemcpyDtoDAsync_v2")
-        if fn is None:
-            fn = self._function("cuMemcpyDtoDAsync_v2")
-            fn.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
-        code = fn(dst, src, nbytes, stream)
+        code = self._function("cuMemcpyDtoDAsync_v2")(dst, src, nbytes, stream)
         if code != CUDA_SUCCESS:
             raise CUDAError("cuMemcpyDtoDAsync_v2", code, self.error_string(code))
 
@@ -210,11 +217,7 @@ class Driver:
         n = len(dsts)
         if not n:
             return
-        fn = self._fn.get("cuMemcpyBatchAsync")
-        if fn is None or fn.argtypes is None:
-            fn = self._function("cuMemcpyBatchAsync")
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_size_t] + [ctypes.c_void_p] * 2
-            fn.argtypes += [ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        fn = self._function("cuMemcpyBatchAsync")
         arrays = [np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes)]
         if any(len(a) != n for a in arrays):
             raise ValueError("copy_batch_async needs as many sources and sizes as destinations")

@@ -407,15 +407,14 @@ class IPCTransport(CudaTransport):
         if node is not None:
             theirs = node.mailbox.exchange(_DESC, descs, indices, deadline)
             t2 = time.perf_counter()
+        split = {index: _split_manifest(message) for index, message in theirs.items()}
         # Applied before the manifest check: the receivers already counted these mappings.
-        tables = (
-            {peer.index: self._receive(peer, theirs[peer.index]) for peer in self._peers.values()}
-            if node is not None
-            else {}
-        )
+        tables = {
+            peer.index: self._receive(peer, split[peer.index][1]) for peer in self._peers.values()
+        }
         if batch.manifest is not None:
             # Raises on every rank alike, before any data moves (self-copies included).
-            self._check_manifests(batch.manifest, theirs)
+            self._check_manifests(batch.manifest, {i: m for i, (m, _) in split.items()})
         t_check = time.perf_counter()
         with torch.cuda.stream(stream):
             self.self_copies(batch)
@@ -459,8 +458,9 @@ class IPCTransport(CudaTransport):
                 "order with the same size."
             )
 
-    def _check_manifests(self, local: torch.Tensor, messages: dict[int, bytes]) -> None:
-        """The communicator's manifest check, on manifests that came with the descriptors.
+    def _check_manifests(self, local: torch.Tensor, manifests: dict[int, bytes]) -> None:
+        """The communicator's manifest check, on the peers' manifests (by mailbox index)
+        that came with their descriptors.
 
         The descriptors were applied first, so the mirrored caches stay in step when this
         raises.
@@ -469,7 +469,7 @@ class IPCTransport(CudaTransport):
         rows = np.empty((self.world_size, *mine.shape), dtype=mine.dtype)
         rows[self.rank] = mine
         for peer in self._peers.values():
-            theirs = _split_manifest(messages[peer.index])[0]
+            theirs = manifests[peer.index]
             rows[peer.rank] = np.frombuffer(theirs, dtype=mine.dtype).reshape(mine.shape)
         _manifest.check_rows(rows, self.rank)
 
@@ -560,9 +560,9 @@ class IPCTransport(CudaTransport):
                 self._driver.ipc_close(peer.mapped.pop(old))
             peer.mapped[bid] = self._driver.ipc_open(handle)
 
-    def _receive(self, peer: _Peer, message: bytes) -> tuple[str | None, np.ndarray]:
+    def _receive(self, peer: _Peer, desc: bytes) -> tuple[str | None, np.ndarray]:
         """Decodes a peer's descriptor and applies its cache updates: (refusal, table)."""
-        refusal, table, new = _decode(_split_manifest(message)[1])
+        refusal, table, new = _decode(desc)
         if refusal is None:
             self._apply(peer, table, new)
         return refusal, table
