@@ -20,7 +20,7 @@ from ._exceptions import (
     InvalidTransferError,
     TransferTimeoutError,
 )
-from ._ops import Op, OpKind, OpQueue, PreparedBatch, check_op, prepare
+from ._ops import OpKind, OpQueue, PreparedBatch, check_op, prepare
 from ._runtime import Job, Worker
 from ._stats import CommunicatorStatistics, TransferStats
 from .transports._cudabase import CudaTransport
@@ -158,22 +158,27 @@ class Communicator:
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
         """Queues sending ``tensor`` to ``dst_rank`` (a rank within the group).
 
+        Its address and size are taken now: keep the tensor's storage as it is until the
+        batch ends (no ``resize_``, ``set_`` or ``.data =`` on a queued tensor).
+
         Raises:
             InvalidTransferError: the tensor or rank is unusable; nothing was queued.
             ClosedCommunicatorError: the communicator was closed.
             BrokenCommunicatorError: an earlier failure made it unusable.
         """
-        self._queue.add(self._make_op(OpKind.SEND, tensor, dst_rank), self._transport.rank)
+        self._enqueue(self._queue, OpKind.SEND, tensor, dst_rank)
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         """Queues receiving into ``tensor`` from ``src_rank`` (a rank within the group).
 
+        Its address and size are taken now, as for ``add_send``.
+
         Raises:
             InvalidTransferError: the tensor or rank is unusable; nothing was queued.
             ClosedCommunicatorError: the communicator was closed.
             BrokenCommunicatorError: an earlier failure made it unusable.
         """
-        self._queue.add(self._make_op(OpKind.RECV, tensor, src_rank), self._transport.rank)
+        self._enqueue(self._queue, OpKind.RECV, tensor, src_rank)
 
     def clear(self) -> int:
         """Discards the queued ops and returns how many there were."""
@@ -197,12 +202,14 @@ class Communicator:
         self._check_usable()
         self._transport.set_stream(stream)
 
-    def _make_op(self, kind: OpKind, tensor: object, peer: object) -> Op:
+    def _enqueue(self, queue: OpQueue, kind: OpKind, tensor: object, peer: object) -> None:
         if self._closed or self._broken is not None:
             self._check_usable()
-        op = check_op(kind, tensor, peer, self._transport.world_size)
-        self._transport.check_tensor(op.tensor, "add_send" if kind is OpKind.SEND else "add_recv")
-        return op
+        transport = self._transport
+        rank = check_op(kind, tensor, peer, transport.world_size)
+        assert isinstance(tensor, torch.Tensor)  # check_op made sure
+        transport.check_tensor(tensor, "add_send" if kind is OpKind.SEND else "add_recv")
+        queue.add(kind, tensor, rank, transport.rank)
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -17,7 +17,7 @@ class OpKind(enum.Enum):
 
 
 class Op:
-    """One queued send or receive (a plain slotted class: queueing cost is per op)."""
+    """One network send or receive, as transports that work op by op see it."""
 
     __slots__ = ("kind", "peer", "tensor")
 
@@ -34,8 +34,9 @@ class Op:
         return f"Op({self.kind.name}, {tuple(self.tensor.shape)} {self.tensor.dtype}, {self.peer})"
 
 
-def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
-    """Validates one op as it is queued; the message names the argument and the fix."""
+def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> int:
+    """Validates one op as it is queued and returns its peer as an int; the message names
+    the argument and the fix."""
     if (
         isinstance(tensor, torch.Tensor)
         and tensor.layout is torch.strided
@@ -43,7 +44,7 @@ def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
         and type(peer) is int
         and 0 <= peer < world_size
     ):
-        return Op(kind, tensor, peer)
+        return peer
     verb = "add_send" if kind is OpKind.SEND else "add_recv"
     rank_arg = "dst_rank" if kind is OpKind.SEND else "src_rank"
     if not isinstance(tensor, torch.Tensor):
@@ -68,7 +69,7 @@ def check_op(kind: OpKind, tensor: object, peer: object, world_size: int) -> Op:
             f"{verb}: {rank_arg}={peer} is out of range for a group of {world_size} ranks; "
             f"ranks are group ranks in [0, {world_size})"
         )
-    return Op(kind, tensor, int(peer))  # an int subclass (numpy ints are not)
+    return int(peer)  # an int subclass (numpy ints are not)
 
 
 # Columns of an op table: one int64 row per network op, computed once per batch so the
@@ -99,42 +100,42 @@ def op_table(ops: list[Op]) -> np.ndarray:
 
 
 class OpQueue:
-    """Ops in queue order, sorted as they arrive into network ops and self-transfers.
+    """Queued ops, sorted as they arrive into network ops and self-transfers.
 
-    Each network op's op-table row and byte count are taken while the caller queues it,
-    when its tensor is at hand anyway, so ``execute()`` runs no per-op Python on the
-    caller's thread and the worker gets the table without asking each tensor again.
+    A network op is kept as its tensor and its op-table row, taken while the caller queues
+    it (the tensor is at hand then), so ``execute()`` runs no per-op Python on the caller's
+    thread and an ``ipc`` batch never builds per-op objects at all.
     """
 
-    __slots__ = ("ops", "received", "rows", "self_recvs", "self_sends", "sends", "sent")
+    __slots__ = ("received", "rows", "self_recvs", "self_sends", "sends", "sent", "tensors")
 
     def __init__(self) -> None:
-        self.ops: list[Op] = []  # network ops
+        self.tensors: list[torch.Tensor] = []  # network ops, in queue order
         self.rows: list[int] = []  # their op table, flattened
-        self.self_sends: list[Op] = []
-        self.self_recvs: list[Op] = []
+        self.self_sends: list[torch.Tensor] = []
+        self.self_recvs: list[torch.Tensor] = []
         self.sent = self.received = self.sends = 0
 
     def __len__(self) -> int:
-        return len(self.ops) + len(self.self_sends) + len(self.self_recvs)
+        return len(self.tensors) + len(self.self_sends) + len(self.self_recvs)
 
-    def add(self, op: Op, rank: int) -> None:
-        if op.peer == rank:
-            (self.self_sends if op.kind is OpKind.SEND else self.self_recvs).append(op)
+    def add(self, kind: OpKind, t: torch.Tensor, peer: int, rank: int) -> None:
+        """Queues a checked op (see :func:`check_op`)."""
+        if peer == rank:
+            (self.self_sends if kind is OpKind.SEND else self.self_recvs).append(t)
             return
-        t = op.tensor
         dtype = t.dtype
         code = _DTYPE_CODES.get(dtype)
         if code is None:
             code = dtype_code(dtype)
         nbytes = t.nbytes
-        self.ops.append(op)
-        if op.kind is OpKind.SEND:
-            self.rows.extend((op.peer, 0, code, t.numel(), nbytes, t.data_ptr()))
+        self.tensors.append(t)
+        if kind is OpKind.SEND:
+            self.rows.extend((peer, 0, code, t.numel(), nbytes, t.data_ptr()))
             self.sent += nbytes
             self.sends += 1
         else:
-            self.rows.extend((op.peer, 1, code, t.numel(), nbytes, t.data_ptr()))
+            self.rows.extend((peer, 1, code, t.numel(), nbytes, t.data_ptr()))
             self.received += nbytes
 
 
@@ -142,7 +143,7 @@ class OpQueue:
 class PreparedBatch:
     """A batch split into network ops and local copies, with byte counts."""
 
-    ops: list[Op] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)  # network ops', in queue order
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -151,23 +152,49 @@ class PreparedBatch:
     num_recvs: int = 0
     # this rank's manifest, for a transport that exchanges it itself (checks_in_band)
     manifest: torch.Tensor | None = None
-    # the op table flattened, as queued (OpQueue.rows); None: read it from the tensors
+    # the op table flattened, as queued (OpQueue.rows)
     rows: list[int] | None = field(default=None, repr=False)
     _table: np.ndarray | None = field(default=None, repr=False)
+    _ops: list[Op] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, ops: list[Op]) -> PreparedBatch:
+        """A batch of network ops only."""
+        return cls(tensors=[op.tensor for op in ops], _ops=list(ops))
 
     @property
     def table(self) -> np.ndarray:
         """The [ops, 6] op table, built on first use (on the worker, not the caller)."""
         if self._table is None:
-            if self.rows is not None:
-                table = np.array(self.rows, dtype=np.int64).reshape(-1, _TABLE_COLUMNS)
+            if self._ops is not None:
+                table = op_table(self._ops)
             else:
-                table = op_table(self.ops)
+                table = np.array(self.rows or [], dtype=np.int64).reshape(-1, _TABLE_COLUMNS)
             self._table = table
         return self._table
 
-    def tensors(self) -> list[torch.Tensor]:
-        out = [op.tensor for op in self.ops]
+    @property
+    def ops(self) -> list[Op]:
+        """The network ops, built on first use from the tensors and the table."""
+        if self._ops is None:
+            table = self.table
+            kinds = (OpKind.SEND, OpKind.RECV)
+            self._ops = [
+                Op(kinds[is_recv], t, peer)
+                for t, peer, is_recv in zip(
+                    self.tensors, table[:, PEER].tolist(), table[:, IS_RECV].tolist(), strict=True
+                )
+            ]
+        return self._ops
+
+    def subset(self, indices: np.ndarray) -> PreparedBatch:
+        """The network ops at ``indices`` (table rows), as a batch of their own."""
+        return PreparedBatch(
+            tensors=[self.tensors[i] for i in indices.tolist()], _table=self.table[indices]
+        )
+
+    def all_tensors(self) -> list[torch.Tensor]:
+        out = list(self.tensors)
         for src, dst in self.copies:
             out.extend((src, dst))
         return out
@@ -182,26 +209,23 @@ def prepare(queue: OpQueue, rank: int) -> PreparedBatch:
             "receive(s) from itself; self-sends pair with self-receives in queue order, "
             "so queue one add_recv(tensor, own_rank) per add_send(tensor, own_rank)"
         )
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     copied = 0
-    for i, (send, recv) in enumerate(zip(self_sends, self_recvs, strict=True)):
-        s, r = send.tensor, recv.tensor
+    for i, (s, r) in enumerate(zip(self_sends, self_recvs, strict=True)):
         if s.dtype != r.dtype or s.numel() != r.numel():
             raise InvalidTransferError(
                 f"self-transfer #{i} on rank {rank}: send is {s.dtype} x {s.numel()} but the "
                 f"paired receive is {r.dtype} x {r.numel()}; the i-th self-send pairs with the "
                 "i-th self-receive, so queue them with matching dtype and element count"
             )
-        copies.append((s, r))
         copied += s.nbytes
     return PreparedBatch(
-        ops=queue.ops,
-        copies=copies,
+        tensors=queue.tensors,
+        copies=list(zip(self_sends, self_recvs, strict=True)),
         bytes_sent=queue.sent,
         bytes_received=queue.received,
         bytes_copied=copied,
         num_sends=queue.sends,
-        num_recvs=len(queue.ops) - queue.sends,
+        num_recvs=len(queue.tensors) - queue.sends,
         rows=queue.rows,
     )
 

@@ -203,6 +203,22 @@ async def test_op_table_taken_at_queueing_matches_the_tensors() -> None:
     await comm.aclose()
 
 
+def test_prepared_batch_ops_table_and_subset_agree() -> None:
+    from aeplb._ops import Op, OpKind, PreparedBatch, op_table
+
+    empty = PreparedBatch()
+    assert empty.table.shape == (0, 6) and empty.ops == []
+    tensors = [torch.ones(3), torch.zeros(4, dtype=torch.int8), torch.ones(2, 2)]
+    ops = [Op(OpKind.SEND, tensors[0], 1), Op(OpKind.RECV, tensors[1], 2)]
+    ops.append(Op(OpKind.SEND, tensors[2], 2))
+    batch = PreparedBatch.of(ops)
+    assert np.array_equal(batch.table, op_table(ops))
+    part = batch.subset(np.array([2, 0]))
+    assert part.tensors == [tensors[2], tensors[0]]
+    assert [(op.kind, op.peer) for op in part.ops] == [(OpKind.SEND, 2), (OpKind.SEND, 1)]
+    assert np.array_equal(part.table, op_table(part.ops))
+
+
 async def test_closed_and_idempotent_close() -> None:
     comm, _ = make()
     comm.add_send(torch.ones(1), 1)

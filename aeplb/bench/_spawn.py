@@ -26,7 +26,11 @@ def ranks_wanted(cpu: bool, ranks: int) -> int | None:
 def init_rank(rank: int, world: int, port: int, *, cpu: bool, timeout: timedelta) -> None:
     """Joins the default group from a spawned rank: Gloo on CPU, Gloo and NCCL on GPUs."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if not cpu:
+    if cpu:
+        # As torchrun does: ranks sharing the cores would each start a thread pool per
+        # core, and a copy split over a pool waits for whichever thread is descheduled.
+        torch.set_num_threads(1)
+    else:
         torch.cuda.set_device(rank)
     dist.init_process_group(
         "gloo" if cpu else "cpu:gloo,cuda:nccl",

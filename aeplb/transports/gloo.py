@@ -177,7 +177,7 @@ class GlooTransport(Transport):
         return torch.stack(out)
 
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
-        on_cuda = any(t.is_cuda for t in batch.tensors())
+        on_cuda = any(t.is_cuda for t in batch.all_tensors())
         if not on_cuda:
             for src, dst in batch.copies:
                 dst.view(-1).copy_(src.view(-1))

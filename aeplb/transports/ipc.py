@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .. import _cuda, _manifest
 from .._exceptions import BackendUnavailableError, InvalidTransferError, PeerMismatchError
-from .._ops import IS_RECV, NBYTES, PEER, PTR, OpKind, PreparedBatch
+from .._ops import IS_RECV, NBYTES, PEER, PTR, PreparedBatch
 from ._cudabase import CudaTransport
 from ._libcuda import IPC_HANDLE_BYTES, Allocation, CUDAError, Driver
 from ._mailbox import Mailbox
@@ -362,7 +362,8 @@ class IPCTransport(CudaTransport):
         except (TimeoutError, OSError, RuntimeError):
             # A peer's copy engine may still be writing into these buffers, and nothing
             # here can stop it: keep them from the caching allocator until close().
-            self._held.extend(op.tensor for op in batch.ops if op.kind is OpKind.RECV)
+            received = batch.table[:, IS_RECV].tolist()
+            self._held.extend(t for t, r in zip(batch.tensors, received, strict=True) if r)
             raise
 
     def _run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
@@ -377,7 +378,7 @@ class IPCTransport(CudaTransport):
         table = batch.table
         peer_of = table[:, PEER]
         is_recv = table[:, IS_RECV].astype(bool)
-        remote_ops = [batch.ops[i] for i in np.flatnonzero(~self._is_local[peer_of])]
+        remote = np.flatnonzero(~self._is_local[peer_of])
         recvs: dict[int, np.ndarray] = {}  # table rows of the receives, by peer
         sends: dict[int, np.ndarray] = {}  # indices of the sends, by peer
         for r in self._peers:
@@ -418,9 +419,9 @@ class IPCTransport(CudaTransport):
         t_check = time.perf_counter()
         with torch.cuda.stream(stream):
             self.self_copies(batch)
-            if remote_ops:
+            if len(remote):
                 assert self._remote is not None
-                self._remote.launch(PreparedBatch(ops=remote_ops), stream)
+                self._remote.launch(batch.subset(remote), stream)
         if node is not None:
             replies = self._send_all(node, table, sends, tables, problems)
             t3 = time.perf_counter()

@@ -1,0 +1,108 @@
+"""Where a batch's host time goes: cProfile of the caller's thread and the worker thread.
+
+Two ranks exchange a bench workload (``eplb`` or ``many-small``) with the given backend.
+After a warm-up, rank 0 profiles ``--reps`` batches: the calling thread (queueing and
+``execute()``) and the communicator's worker thread, each with its own profiler. It prints
+the functions with the most time of their own, per thread. cProfile slows Python calls
+down, so the absolute times are inflated; the ranking is what to read.
+
+    NCCL_NVLS_ENABLE=0 python benchmarks/host_profile.py --backend nccl --workload many-small
+    python benchmarks/host_profile.py --cpu --backend gloo --workload many-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import aeplb
+from aeplb.bench._driver import variants
+from aeplb.bench._spawn import init_rank, run_ranks
+from aeplb.bench._workloads import Workload, eplb, fill, many_small
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="ipc", help="backend[:option=value...]")
+    p.add_argument("--workload", choices=["eplb", "many-small"], default="many-small")
+    p.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--top", type=int, default=25, help="functions printed per thread")
+    return p.parse_args()
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(seconds=120))
+    report = asyncio.run(_profile(rank, args))
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(report)
+
+
+def _stats(prof: cProfile.Profile, top: int) -> str:
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+async def _profile(rank: int, args: argparse.Namespace) -> str:
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    peer = 1 - rank
+    w: Workload = eplb(16, 1) if args.workload == "eplb" else many_small()
+    sends = [fill(s, w.dtype, device, 1000 * rank + i) for i, s in enumerate(w.shapes)]
+    recvs = [torch.empty(s, dtype=w.dtype, device=device) for s in w.shapes]
+    _, name, options = variants(args.backend)[0]
+    comm = aeplb.create_communicator(name, device=device, timeout=60, **options)
+
+    async def once() -> None:
+        for t in sends:
+            comm.add_send(t, peer)
+        for t in recvs:
+            comm.add_recv(t, peer)
+        await comm.execute()
+
+    for _ in range(3):
+        await once()
+    caller, worker = cProfile.Profile(), cProfile.Profile()
+    comm._worker.submit(worker.enable).wait()  # profiles the thread it is enabled on
+    caller.enable()
+    for _ in range(args.reps):
+        await once()
+    caller.disable()
+    comm._worker.submit(worker.disable).wait()
+    await comm.aclose()
+    want = [fill(s, w.dtype, device, 1000 * peer + i) for i, s in enumerate(w.shapes)]
+    ok = all(
+        torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+        for a, b in zip(recvs, want, strict=True)
+    )
+    return (
+        f"{args.backend} {args.workload}, {args.reps} batches, data verified: {ok}\n"
+        f"== calling thread (queueing, execute) ==\n{_stats(caller, args.top)}"
+        f"== worker thread ==\n{_stats(worker, args.top)}"
+    )
+
+
+def main() -> int:
+    args = parse_args()
+    if not args.cpu and torch.cuda.device_count() < 2:
+        print("needs two CUDA GPUs (or --cpu)", file=sys.stderr)
+        return 2
+    report = run_ranks(_rank, 2, args)
+    if report is None:
+        return 1
+    print(report)
+    return 0 if "data verified: True" in report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
