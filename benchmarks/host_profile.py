@@ -1,10 +1,10 @@
-"""Where a batch's host time goes: cProfile of the caller's thread and the worker thread.
+"""Where a batch's host time goes: cProfile of the worker thread or of the caller's.
 
 Two ranks exchange a bench workload (``eplb`` or ``many-small``) with the given backend.
-After a warm-up, rank 0 profiles ``--reps`` batches: the calling thread (queueing and
-``execute()``) and the communicator's worker thread, each with its own profiler. It prints
-the functions with the most time of their own, per thread. cProfile slows Python calls
-down, so the absolute times are inflated; the ranking is what to read.
+After a warm-up, rank 0 profiles ``--reps`` batches on one thread: the communicator's worker
+(default) or the calling thread (queueing and ``execute()``); Python 3.12 allows one
+profiler per process. It prints the functions with the most time of their own. cProfile
+slows Python calls down, so the absolute times are inflated; the ranking is what to read.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/host_profile.py --backend nccl --workload many-small
     python benchmarks/host_profile.py --cpu --backend gloo --workload many-small
@@ -35,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backend", default="ipc", help="backend[:option=value...]")
     p.add_argument("--workload", choices=["eplb", "many-small"], default="many-small")
     p.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo")
+    p.add_argument("--thread", choices=["worker", "caller"], default="worker")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--top", type=int, default=25, help="functions printed per thread")
     return p.parse_args()
@@ -72,13 +73,18 @@ async def _profile(rank: int, args: argparse.Namespace) -> str:
 
     for _ in range(3):
         await once()
-    caller, worker = cProfile.Profile(), cProfile.Profile()
-    comm._worker.submit(worker.enable).wait()  # profiles the thread it is enabled on
-    caller.enable()
+    prof = cProfile.Profile()
+    on_worker = args.thread == "worker"
+    if on_worker:
+        comm._worker.submit(prof.enable).wait()  # profiles the thread it is enabled on
+    else:
+        prof.enable()
     for _ in range(args.reps):
         await once()
-    caller.disable()
-    comm._worker.submit(worker.disable).wait()
+    if on_worker:
+        comm._worker.submit(prof.disable).wait()
+    else:
+        prof.disable()
     await comm.aclose()
     want = [fill(s, w.dtype, device, 1000 * peer + i) for i, s in enumerate(w.shapes)]
     ok = all(
@@ -86,9 +92,8 @@ async def _profile(rank: int, args: argparse.Namespace) -> str:
         for a, b in zip(recvs, want, strict=True)
     )
     return (
-        f"{args.backend} {args.workload}, {args.reps} batches, data verified: {ok}\n"
-        f"== calling thread (queueing, execute) ==\n{_stats(caller, args.top)}"
-        f"== worker thread ==\n{_stats(worker, args.top)}"
+        f"{args.backend} {args.workload}, {args.reps} batches, {args.thread} thread, "
+        f"data verified: {ok}\n{_stats(prof, args.top)}"
     )
 
 
