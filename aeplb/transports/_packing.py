@@ -22,7 +22,6 @@ import torch
 
 from .. import _cuda
 from .._exceptions import InvalidTransferError
-from .._gil import Slicer
 from .._ops import Op, OpKind
 
 # From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
@@ -39,14 +38,12 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def merge_adjacent(views: list[torch.Tensor], step: Slicer | None = None) -> list[torch.Tensor]:
+def merge_adjacent(views: list[torch.Tensor]) -> list[torch.Tensor]:
     """Merges byte views that sit back to back in one allocation (no copy)."""
     out: list[torch.Tensor] = []
     run: list[torch.Tensor] = []
     end = -1
-    step = step or Slicer()
     for v in views:
-        step()
         n = v.numel()
         if n == 0:
             continue
@@ -232,13 +229,11 @@ class Packer:
 
     def _lanes(self, ops: list[Op]) -> list[_Lane]:
         grouped: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
-        step = Slicer()
         for op in ops:
-            step()
             grouped[(op.kind, op.peer)].append(as_bytes(op.tensor))
         lanes = []
         for (kind, peer), views in grouped.items():
-            segments = merge_adjacent(views, step)
+            segments = merge_adjacent(views)
             nbytes = sum(s.numel() for s in segments)
             if nbytes:
                 lanes.append(_Lane(kind, peer, segments, nbytes, [], []))

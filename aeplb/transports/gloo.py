@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from .. import _cuda
 from .._exceptions import InvalidTransferError
-from .._gil import Slicer
 from .._ops import Op, OpKind, PreparedBatch
 from ._base import Transport
 from ._packing import as_bytes, byte_slice, merge_adjacent
@@ -61,13 +60,11 @@ def _stream_pieces(ops: list[Op], chunk: int) -> dict[tuple[OpKind, int], list[l
     tensors' sizes or devices; a piece is the list of views it covers.
     """
     views: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
-    step = Slicer()
     for op in ops:
-        step()
         views[(op.kind, op.peer)].append(as_bytes(op.tensor))
     out = {}
     for key, vs in views.items():
-        segments = merge_adjacent(vs, step)
+        segments = merge_adjacent(vs)
         total = sum(v.numel() for v in segments)
         out[key] = [byte_slice(segments, i, min(i + chunk, total)) for i in range(0, total, chunk)]
     return out
