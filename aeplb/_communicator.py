@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import torch
@@ -207,9 +207,9 @@ class Communicator:
             self._check_usable()
         transport = self._transport
         rank = check_op(kind, tensor, peer, transport.world_size)
-        assert isinstance(tensor, torch.Tensor)  # check_op made sure
-        transport.check_tensor(tensor, "add_send" if kind is OpKind.SEND else "add_recv")
-        queue.add(kind, tensor, rank, transport.rank)
+        checked = cast(torch.Tensor, tensor)  # check_op made sure; no isinstance per op again
+        transport.check_tensor(checked, "add_send" if kind is OpKind.SEND else "add_recv")
+        queue.add(kind, checked, rank, transport.rank)
 
     def _check_usable(self) -> None:
         if self._closed:

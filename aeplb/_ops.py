@@ -88,15 +88,11 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 
 def op_table(ops: list[Op]) -> np.ndarray:
-    """The [ops, 6] int64 table of ``ops`` (columns PEER ... PTR)."""
-    flat: list[int] = []
-    recv = OpKind.RECV
+    """The [ops, 6] int64 table of ``ops`` (columns PEER ... PTR), as a queue takes it."""
+    queue = OpQueue()
     for op in ops:
-        t = op.tensor
-        flat.extend(
-            (op.peer, op.kind is recv, dtype_code(t.dtype), t.numel(), t.nbytes, t.data_ptr())
-        )
-    return np.array(flat, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
+        queue.add(op.kind, op.tensor, op.peer, rank=-1)  # no rank: none is a self-transfer
+    return np.array(queue.rows, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
 
 
 class OpQueue:
@@ -124,19 +120,15 @@ class OpQueue:
         if peer == rank:
             (self.self_sends if kind is OpKind.SEND else self.self_recvs).append(t)
             return
-        dtype = t.dtype
-        code = _DTYPE_CODES.get(dtype)
-        if code is None:
-            code = dtype_code(dtype)
         nbytes = t.nbytes
+        is_recv = kind is OpKind.RECV
         self.tensors.append(t)
-        if kind is OpKind.SEND:
-            self.rows.extend((peer, 0, code, t.numel(), nbytes, t.data_ptr()))
+        self.rows.extend((peer, is_recv, dtype_code(t.dtype), t.numel(), nbytes, t.data_ptr()))
+        if is_recv:
+            self.received += nbytes
+        else:
             self.sent += nbytes
             self.sends += 1
-        else:
-            self.rows.extend((peer, 1, code, t.numel(), nbytes, t.data_ptr()))
-            self.received += nbytes
 
 
 @dataclass
@@ -209,21 +201,20 @@ def prepare(queue: OpQueue, rank: int) -> PreparedBatch:
             "receive(s) from itself; self-sends pair with self-receives in queue order, "
             "so queue one add_recv(tensor, own_rank) per add_send(tensor, own_rank)"
         )
-    copied = 0
-    for i, (s, r) in enumerate(zip(self_sends, self_recvs, strict=True)):
+    copies = list(zip(self_sends, self_recvs, strict=True))
+    for i, (s, r) in enumerate(copies):
         if s.dtype != r.dtype or s.numel() != r.numel():
             raise InvalidTransferError(
                 f"self-transfer #{i} on rank {rank}: send is {s.dtype} x {s.numel()} but the "
                 f"paired receive is {r.dtype} x {r.numel()}; the i-th self-send pairs with the "
                 "i-th self-receive, so queue them with matching dtype and element count"
             )
-        copied += s.nbytes
     return PreparedBatch(
         tensors=queue.tensors,
-        copies=list(zip(self_sends, self_recvs, strict=True)),
+        copies=copies,
         bytes_sent=queue.sent,
         bytes_received=queue.received,
-        bytes_copied=copied,
+        bytes_copied=sum(s.nbytes for s in self_sends),
         num_sends=queue.sends,
         num_recvs=len(queue.tensors) - queue.sends,
         rows=queue.rows,
