@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 import aeplb
 from aeplb.bench._driver import variants
+from aeplb.bench._pair import Pair
 from aeplb.bench._spawn import init_rank, run_ranks
-from aeplb.bench._workloads import Workload, eplb, fill, many_small
+from aeplb.bench._workloads import eplb, many_small
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,22 +58,11 @@ def _stats(prof: cProfile.Profile, top: int) -> str:
 
 async def _profile(rank: int, args: argparse.Namespace) -> str:
     device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
-    peer = 1 - rank
-    w: Workload = eplb(16, 1) if args.workload == "eplb" else many_small()
-    sends = [fill(s, w.dtype, device, 1000 * rank + i) for i, s in enumerate(w.shapes)]
-    recvs = [torch.empty(s, dtype=w.dtype, device=device) for s in w.shapes]
     _, name, options = variants(args.backend)[0]
     comm = aeplb.create_communicator(name, device=device, timeout=60, **options)
-
-    async def once() -> None:
-        for t in sends:
-            comm.add_send(t, peer)
-        for t in recvs:
-            comm.add_recv(t, peer)
-        await comm.execute()
-
+    pair = Pair(rank, eplb(16, 1) if args.workload == "eplb" else many_small(), device, comm)
     for _ in range(3):
-        await once()
+        await pair.once()
     prof = cProfile.Profile()
     on_worker = args.thread == "worker"
     if on_worker:
@@ -80,17 +70,13 @@ async def _profile(rank: int, args: argparse.Namespace) -> str:
     else:
         prof.enable()
     for _ in range(args.reps):
-        await once()
+        await pair.once()
     if on_worker:
         comm._worker.submit(prof.disable).wait()
     else:
         prof.disable()
     await comm.aclose()
-    want = [fill(s, w.dtype, device, 1000 * peer + i) for i, s in enumerate(w.shapes)]
-    ok = all(
-        torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
-        for a, b in zip(recvs, want, strict=True)
-    )
+    ok = pair.received_all()
     return (
         f"{args.backend} {args.workload}, {args.reps} batches, {args.thread} thread, "
         f"data verified: {ok}\n{_stats(prof, args.top)}"

@@ -27,8 +27,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import aeplb
 from aeplb.bench._driver import variants
+from aeplb.bench._pair import Pair
 from aeplb.bench._spawn import init_rank, run_ranks
-from aeplb.bench._workloads import eplb, fill
+from aeplb.bench._workloads import eplb
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,45 +71,29 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) 
 async def _batch(rank: int, args: argparse.Namespace) -> tuple[profile, bool]:
     """Warms up, then runs one batch under the profiler; returns it and the data check."""
     device = torch.device("cuda", rank)
-    peer = 1 - rank
-    w = eplb(args.experts, 1)
-    sends = [fill(s, w.dtype, device, 1000 * rank + i) for i, s in enumerate(w.shapes)]
-    recvs = [torch.empty(s, dtype=w.dtype, device=device) for s in w.shapes]
     _, name, options = variants(args.backend)[0]
     if args.pack != "default":  # an experiment's switch: the packer's private threshold
         from aeplb.transports import _packing
 
         _packing._MEMCPY_VIEWS = 0 if args.pack == "kernel" else 1 << 30
     comm = aeplb.create_communicator(name, device=device, timeout=60, **options)
-
-    async def once() -> None:
-        for t in sends:
-            comm.add_send(t, peer)
-        for t in recvs:
-            comm.add_recv(t, peer)
-        await comm.execute()
-
+    pair = Pair(rank, eplb(args.experts, 1), device, comm)
     for _ in range(3):
-        await once()
+        await pair.once()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        await once()
+        await pair.once()
         torch.cuda.synchronize()
     times = []
     for _ in range(args.reps):
         torch.cuda.synchronize()
         dist.barrier(device_ids=[rank])
         t0 = time.perf_counter()
-        await once()
+        await pair.once()
         times.append(time.perf_counter() - t0)
     print(f"rank {rank}: median batch {statistics.median(times) * 1e3:.2f} ms", flush=True)
     await comm.aclose()
-    want = [fill(s, w.dtype, device, 1000 * peer + i) for i, s in enumerate(w.shapes)]
-    ok = all(
-        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        for a, b in zip(recvs, want, strict=True)
-    )
-    return prof, ok
+    return prof, pair.received_all()
 
 
 def main() -> int:
