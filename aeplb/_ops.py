@@ -78,13 +78,20 @@ PEER, IS_RECV, DTYPE, NUMEL, NBYTES, PTR = range(6)
 _TABLE_COLUMNS = 6
 
 _DTYPE_CODES: dict[torch.dtype, int] = {}
+_DTYPES: dict[int, torch.dtype] = {}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
     code = _DTYPE_CODES.get(dtype)
     if code is None:  # the same on every rank: a hash of the dtype's name
         code = _DTYPE_CODES[dtype] = zlib.crc32(str(dtype).encode())
+        _DTYPES[code] = dtype
     return code
+
+
+def dtype_of(code: int) -> torch.dtype:
+    """The dtype of a code this process made with :func:`dtype_code`."""
+    return _DTYPES[code]
 
 
 def op_table(ops: list[Op]) -> np.ndarray:

@@ -4,6 +4,10 @@ Each line is the median host time of one call (microseconds): recording and wait
 ordinary and interprocess events, entering a stream context, a driver pointer query, one
 ``cuMemcpyBatchAsync`` of 48 small copies, against 48 ``cuMemcpyDtoDAsync`` calls.
 
+The packing lines time the ways to gather many tensors into one staging buffer on one GPU
+(and to scatter it back): host time per call and GPU time per call, for 1000 x 64 KiB
+tensors (the many-small workload) and 48 DeepSeek-V3 fp8 expert tensors (eplb).
+
     python benchmarks/host_costs.py
 """
 
@@ -29,6 +33,65 @@ def _us(fn: Callable[[], object], reps: int = 2000) -> float:
         times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
     return statistics.median(times) * 1e6
+
+
+def _gpu_ms(fn: Callable[[], object], stream: torch.cuda.Stream, reps: int = 20) -> float:
+    with torch.cuda.stream(stream):
+        fn()  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            fn()
+        end.record(stream)
+    end.synchronize()
+    return float(start.elapsed_time(end)) / reps
+
+
+def _pack_ways(
+    driver: Driver, stream: torch.cuda.Stream, label: str, sizes: list[tuple[int, ...]]
+) -> dict[str, dict[str, float]]:
+    handle = stream.cuda_stream
+    tensors = [torch.randint(1, 255, s, dtype=torch.uint8, device="cuda") for s in sizes]
+    back = [torch.empty_like(t) for t in tensors]
+    buf = torch.empty(sum(t.numel() for t in tensors), dtype=torch.uint8, device="cuda")
+    views = [t.view(-1) for t in tensors]
+    back_views = [t.view(-1) for t in back]
+    srcs = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+    lens = np.array([t.numel() for t in tensors], dtype=np.uint64)
+    dsts = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.uint64) + np.uint64(buf.data_ptr())
+    backs = np.array([t.data_ptr() for t in back], dtype=np.uint64)
+    ways: dict[str, Callable[[], object]] = {
+        "byte views": lambda: [t.view(-1).view(torch.uint8) for t in tensors],
+        "pack torch.cat": lambda: torch.cat(views, out=buf),
+        "pack torch._chunk_cat": lambda: torch._chunk_cat(tensors, 0, 1, out=buf.view(1, -1)),
+        "unpack _foreach_copy_": lambda: torch._foreach_copy_(
+            back_views, list(torch.split(buf, [v.numel() for v in views]))
+        ),
+        "unpack unflatten+_foreach_copy_": lambda: torch._foreach_copy_(
+            back, torch._C._nn.unflatten_dense_tensors(buf, back)
+        ),
+        "pack cuMemcpyBatchAsync": lambda: driver.copy_batch_async(dsts, srcs, lens, handle),
+        "unpack cuMemcpyBatchAsync": lambda: driver.copy_batch_async(backs, dsts, lens, handle),
+    }
+    out: dict[str, dict[str, float]] = {}
+    reps = 200 if len(tensors) > 100 else 500
+    with torch.cuda.stream(stream):
+        for name, fn in ways.items():
+            gpu = 0.0 if name == "byte views" else _gpu_ms(fn, stream)
+            out[f"{label}: {name}"] = {"host_us": _us(fn, reps), "gpu_ms": gpu}
+    stream.synchronize()
+    for t, b in zip(tensors, back, strict=True):
+        if not torch.equal(t, b):
+            raise AssertionError(f"{label}: the packed and unpacked bytes differ")
+    return out
+
+
+def _packing(driver: Driver, stream: torch.cuda.Stream) -> dict[str, dict[str, float]]:
+    many = [(64 << 10,)] * 1000
+    eplb = [(2048, 7168), (2048, 7168), (7168, 2048)] * 16
+    return _pack_ways(driver, stream, "1000 x 64 KiB", many) | _pack_ways(
+        driver, stream, "48 eplb tensors", eplb
+    )
 
 
 def main() -> int:
@@ -76,7 +139,10 @@ def main() -> int:
     ok = torch.equal(dst, src)
     for name, us in results.items():
         print(f"{name:36s} {us:8.1f} us")
-    print(json.dumps({"host_us": results, "copies_verified": ok}))
+    packing = _packing(driver, stream)
+    for name, cost in packing.items():
+        print(f"{name:44s} host {cost['host_us']:9.1f} us  gpu {cost['gpu_ms']:7.3f} ms")
+    print(json.dumps({"host_us": results, "packing": packing, "copies_verified": ok}))
     return 0 if ok else 1
 
 

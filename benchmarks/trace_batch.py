@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
         "--pack",
         choices=["default", "memcpy", "kernel"],
         default="default",
-        help="nccl packing: copy-engine memcpy per tensor, or one kernel per piece",
+        help="nccl packing: a byte view and a memcpy per tensor, or batched kernels on "
+        "the tensors as they are (the default switches at aeplb's threshold)",
     )
     p.add_argument("--reps", type=int, default=10, help="batches timed after the trace")
     return p.parse_args()
@@ -73,9 +74,9 @@ async def _batch(rank: int, args: argparse.Namespace) -> tuple[profile, bool]:
     device = torch.device("cuda", rank)
     _, name, options = variants(args.backend)[0]
     if args.pack != "default":  # an experiment's switch: the packer's private threshold
-        from aeplb.transports import _packing
+        from aeplb.transports import _streams
 
-        _packing._MEMCPY_VIEWS = 0 if args.pack == "kernel" else 1 << 30
+        _streams.FEW = 0 if args.pack == "kernel" else 1 << 30
     comm = aeplb.create_communicator(name, device=device, timeout=60, **options)
     pair = Pair(rank, eplb(args.experts, 1), device, comm)
     for _ in range(3):

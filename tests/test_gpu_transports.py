@@ -5,7 +5,9 @@ Skipped without two GPUs; AEPLB_REQUIRE_GPU=1 turns the skips into failures.
 
 from __future__ import annotations
 
+import itertools
 import time
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -85,6 +87,42 @@ async def exchange(
         same_bytes(got_mine, mine, "self-send")
         assert stats.num_copies == 1
         return stats.seconds
+
+
+def _shapes(layout: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    if layout == "one-dtype-many":  # packed without a byte view per tensor
+        return [((1 + i % 13, 3 + i % 7), torch.bfloat16) for i in range(400)]
+    dtypes = [torch.float32, torch.bfloat16, FP8, torch.int64]  # mixed: a view per tensor
+    return [((5 + i % 11, 1 + i % 3), dtypes[i % 4]) for i in range(300)]
+
+
+async def packing(rank: int, world: int, backend: str, layout: str, options: dict[str, Any]) -> int:
+    """Pieces that start and end inside tensors, in both packing paths, checked byte by byte;
+    returns the staging memory used."""
+    peer = 1 - rank
+    async with aeplb.create_communicator(backend, timeout=120, **options) as comm:
+        if layout == "views-of-one":
+            # back-to-back slices of one tensor each way: sent in place, no staging
+            src = gpu_payload(seed_of(rank, peer, 0), (3 << 20,), torch.bfloat16)
+            dst = poisoned((3 << 20,), torch.bfloat16)
+            cuts = [0, 1000, 5000, 1 << 20, (3 << 20) - 7, 3 << 20]
+            for a, b in itertools.pairwise(cuts):
+                comm.add_send(src[a:b], peer)
+                comm.add_recv(dst[a:b], peer)
+            await comm.execute()
+            same_bytes(dst, gpu_payload(seed_of(peer, rank, 0), (3 << 20,), torch.bfloat16))
+        else:
+            shapes = _shapes(layout)
+            bufs = [poisoned(s, d) for s, d in shapes]
+            for _ in range(2):  # the second batch reuses the staging slots
+                for i, (shape, dtype) in enumerate(shapes):
+                    comm.add_send(gpu_payload(seed_of(rank, peer, i), shape, dtype), peer)
+                    comm.add_recv(bufs[i], peer)
+                await comm.execute()
+                for i, (buf, (shape, dtype)) in enumerate(zip(bufs, shapes, strict=True)):
+                    same_bytes(buf, gpu_payload(seed_of(peer, rank, i), shape, dtype), f"#{i}")
+                    buf.zero_()
+        return int(comm._transport.staging_bytes)  # type: ignore[attr-defined]
 
 
 async def stream_ordering(rank: int, world: int, backend: str) -> None:
@@ -234,6 +272,19 @@ def test_small_chunks_reuse_staging_slots(gpus2: RankPool, backend: str, coalesc
     # 1 MiB chunks and a 2-chunk pool: every slot is reused many times within one batch
     options = {"coalesce": coalesce, "chunk_bytes": 1 << 20, "staging_bytes": 2 << 20}
     gpus2.run(exchange, backend, "bf16", "many", options, backend="asyncio", pg_backend=PG)
+
+
+@pytest.mark.parametrize("backend", ["nccl", "pynccl"])
+@pytest.mark.parametrize("layout", ["one-dtype-many", "mixed-many", "views-of-one"])
+def test_packing_paths(gpus2: RankPool, backend: str, layout: str) -> None:
+    # 9999-byte pieces: most start and end inside a tensor, many off the dtype's alignment
+    options = {"chunk_bytes": 9999, "staging_bytes": 100000}
+    staging = gpus2.run(packing, backend, layout, options, backend="asyncio", pg_backend=PG)
+    if layout == "views-of-one":
+        assert staging == [0, 0], "back-to-back views of one tensor need no staging"
+    whole = {"chunk_bytes": 64 << 20, "staging_bytes": 128 << 20}  # one piece per stream
+    if layout != "views-of-one":
+        gpus2.run(packing, backend, layout, whole, backend="trio", pg_backend=PG)
 
 
 @pytest.mark.parametrize("backend", ["nccl", "pynccl"])

@@ -114,7 +114,7 @@ class CudaTransport(Transport):
     def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
         """Enqueues the network ops on ``stream`` (the current stream)."""
         if self._packer is not None:
-            self._packer.run(batch.ops, stream, self.post_group)
+            self._packer.run(batch, stream, self.post_group)
             return
         for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
             self.post_group([(op.kind, op.tensor, op.peer) for op in chunk])

@@ -14,15 +14,15 @@ the host never waits.
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import _cuda
 from .._exceptions import InvalidTransferError
-from .._ops import Op, OpKind
+from .._ops import OpKind, PreparedBatch
+from ._streams import ByteStream, Piece, byte_streams
 
 # From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
 # nears the link rate for messages of hundreds of MB, so pieces are large.
@@ -33,96 +33,13 @@ DEFAULT_STAGING_BYTES = 1 << 30
 WireOp = tuple[OpKind, torch.Tensor, int]
 
 
-def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.view(-1)  # queued tensors are contiguous
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
-def merge_adjacent(views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Merges byte views that sit back to back in one allocation (no copy)."""
-    out: list[torch.Tensor] = []
-    run: list[torch.Tensor] = []
-    end = -1
-    for v in views:
-        n = v.numel()
-        if n == 0:
-            continue
-        ptr = v.data_ptr()
-        if run and ptr == end and _same_allocation(run[0], v):
-            run.append(v)
-        else:
-            if run:
-                out.append(_join(run))
-            run = [v]
-        end = ptr + n
-    if run:
-        out.append(_join(run))
-    return out
-
-
-def _same_allocation(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
-
-
-def _join(run: list[torch.Tensor]) -> torch.Tensor:
-    if len(run) == 1:
-        return run[0]
-    first = run[0]
-    merged = torch.empty(0, dtype=torch.uint8, device=first.device)
-    merged.set_(
-        first.untyped_storage(), first.storage_offset(), (sum(v.numel() for v in run),), (1,)
-    )
-    return merged
-
-
-def byte_slice(segments: list[torch.Tensor], start: int, stop: int) -> list[torch.Tensor]:
-    """The views covering bytes [start, stop) of the concatenated segments."""
-    out: list[torch.Tensor] = []
-    pos = 0
-    for seg in segments:
-        n = seg.numel()
-        end = pos + n
-        if end > start and pos < stop:
-            lo, hi = max(start - pos, 0), min(stop, end) - pos
-            out.append(seg if lo == 0 and hi == n else seg[lo:hi])
-        if end >= stop:
-            break
-        pos = end
-    return out
-
-
-# Up to this many views, unpack with one device-to-device memcpy each: copy engines, no SMs
-# taken from the NCCL kernel running beside them. Past it, the launch count matters more,
-# and batched kernels do the whole piece.
-_MEMCPY_VIEWS = 64
-
-
-def _gather(views: list[torch.Tensor], buf: torch.Tensor) -> None:
-    # One kernel: on H200 it packs 256 MB in 0.13 ms against 0.44 ms for per-tensor
-    # memcpys, and the first piece's packing is not hidden behind any transfer
-    # (benchmarks/trace_batch.py; results/2026-11-30-h200x2-host-path/run-9).
-    torch.cat(views, out=buf)
-
-
-def _scatter(buf: torch.Tensor, views: list[torch.Tensor]) -> None:
-    if len(views) > _MEMCPY_VIEWS:
-        torch._foreach_copy_(views, list(torch.split(buf, [v.numel() for v in views])))
-        return
-    pos = 0
-    for v in views:
-        v.copy_(buf[pos : pos + v.numel()], non_blocking=True)
-        pos += v.numel()
-
-
 @dataclass
 class _Lane:
-    kind: OpKind
-    peer: int
-    segments: list[torch.Tensor]
-    nbytes: int
-    slots: list[torch.Tensor]
+    stream: ByteStream
+    pieces: list[Piece]  # chunk k of the stream is pieces[k]
+    slots: list[torch.Tensor] = field(default_factory=list)
     # events marking when each slot may be reused (None: free)
-    reusable: list[torch.cuda.Event | None]
+    reusable: list[torch.cuda.Event | None] = field(default_factory=list)
 
 
 class Packer:
@@ -151,14 +68,14 @@ class Packer:
 
     def run(
         self,
-        ops: list[Op],
+        batch: PreparedBatch,
         stream: torch.cuda.Stream,
         post_group: Callable[[list[WireOp]], None],
     ) -> None:
-        lanes = self._lanes(ops)
+        lanes = [_Lane(s, s.pieces(self.chunk)) for s in byte_streams(batch)]
         if not lanes:
             return
-        staged = [lane for lane in lanes if len(lane.segments) > 1]
+        staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
         if staged:
             self._give_slots(staged)
             assert self._pack is not None
@@ -166,42 +83,40 @@ class Packer:
             begin = _cuda.new_event()
             begin.record(stream)
             self._pack.wait_event(begin)
-        chunks = max((lane.nbytes + self.chunk - 1) // self.chunk for lane in lanes)
+        chunks = max(len(lane.pieces) for lane in lanes)
         unpacked: list[torch.cuda.Event] = []
         for k in range(chunks):
             group: list[WireOp] = []
-            pending_unpacks: list[tuple[_Lane, torch.Tensor, list[torch.Tensor], int]] = []
+            pending_unpacks: list[tuple[_Lane, torch.Tensor, Piece, int]] = []
             for lane in lanes:
-                start = k * self.chunk
-                if start >= lane.nbytes:
+                if k >= len(lane.pieces):
                     continue
-                stop = min(start + self.chunk, lane.nbytes)
-                views = byte_slice(lane.segments, start, stop)
-                if len(views) == 1:
-                    group.append((lane.kind, views[0], lane.peer))
+                piece, kind = lane.pieces[k], lane.stream.kind
+                if piece.view is not None:
+                    group.append((kind, piece.view, lane.stream.peer))
                     continue
                 slot_index = k % len(lane.slots)
-                buf = lane.slots[slot_index][: stop - start]
-                if lane.kind is OpKind.SEND:
-                    self._pack_into(lane, slot_index, buf, views, stream)
+                buf = lane.slots[slot_index][: piece.nbytes]
+                if kind is OpKind.SEND:
+                    self._pack_into(lane, slot_index, buf, piece, stream)
                 else:
                     # the slot's previous chunk must be unpacked before NCCL overwrites it
                     reuse = lane.reusable[slot_index]
                     if reuse is not None:
                         stream.wait_event(reuse)
-                    pending_unpacks.append((lane, buf, views, slot_index))
-                group.append((lane.kind, buf, lane.peer))
+                    pending_unpacks.append((lane, buf, piece, slot_index))
+                group.append((kind, buf, lane.stream.peer))
             post_group(group)
             sent = _cuda.new_event()
             sent.record(stream)
             for lane in lanes:
-                if lane.slots and lane.kind is OpKind.SEND and k * self.chunk < lane.nbytes:
+                if lane.slots and lane.stream.kind is OpKind.SEND and k < len(lane.pieces):
                     lane.reusable[k % len(lane.slots)] = sent
-            for lane, buf, views, slot_index in pending_unpacks:
+            for lane, buf, piece, slot_index in pending_unpacks:
                 assert self._unpack is not None
                 self._unpack.wait_event(sent)
                 with torch.cuda.stream(self._unpack):
-                    _scatter(buf, views)
+                    piece.scatter(buf, same_device=True, non_blocking=True)
                     done = _cuda.new_event()
                     done.record(self._unpack)
                 lane.reusable[slot_index] = done
@@ -214,7 +129,7 @@ class Packer:
         lane: _Lane,
         slot_index: int,
         buf: torch.Tensor,
-        views: list[torch.Tensor],
+        piece: Piece,
         stream: torch.cuda.Stream,
     ) -> None:
         assert self._pack is not None
@@ -222,22 +137,10 @@ class Packer:
         if reuse is not None:
             self._pack.wait_event(reuse)
         with torch.cuda.stream(self._pack):
-            _gather(views, buf)
+            piece.gather(buf, same_device=True, non_blocking=True)
             packed = _cuda.new_event()
             packed.record(self._pack)
         stream.wait_event(packed)
-
-    def _lanes(self, ops: list[Op]) -> list[_Lane]:
-        grouped: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
-        for op in ops:
-            grouped[(op.kind, op.peer)].append(as_bytes(op.tensor))
-        lanes = []
-        for (kind, peer), views in grouped.items():
-            segments = merge_adjacent(views)
-            nbytes = sum(s.numel() for s in segments)
-            if nbytes:
-                lanes.append(_Lane(kind, peer, segments, nbytes, [], []))
-        return lanes
 
     def _give_slots(self, staged: list[_Lane]) -> None:
         total_slots = self.staging_limit // self.chunk

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from .. import _cuda
 from .._exceptions import InvalidTransferError
-from .._ops import Op, OpKind, PreparedBatch
+from .._ops import OpKind, PreparedBatch
 from ._base import Transport
-from ._packing import as_bytes, byte_slice, merge_adjacent
+from ._streams import Piece, byte_streams
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
@@ -53,44 +53,18 @@ def wait_work(work: dist.Work, deadline: float | None) -> None:
         raise TimeoutError("the deadline passed before the transfer finished")
 
 
-def _stream_pieces(ops: list[Op], chunk: int) -> dict[tuple[OpKind, int], list[list[torch.Tensor]]]:
+def _stream_pieces(batch: PreparedBatch, chunk: int) -> dict[tuple[OpKind, int], list[Piece]]:
     """Cuts each (direction, peer) byte stream into pieces of ``chunk`` bytes.
 
     The cut depends only on the stream's length, so both peers agree on it whatever the
-    tensors' sizes or devices; a piece is the list of views it covers.
+    tensors' sizes or devices.
     """
-    views: dict[tuple[OpKind, int], list[torch.Tensor]] = collections.defaultdict(list)
-    for op in ops:
-        views[(op.kind, op.peer)].append(as_bytes(op.tensor))
-    out = {}
-    for key, vs in views.items():
-        segments = merge_adjacent(vs)
-        total = sum(v.numel() for v in segments)
-        out[key] = [byte_slice(segments, i, min(i + chunk, total)) for i in range(0, total, chunk)]
-    return out
+    return {(s.kind, s.peer): s.pieces(chunk) for s in byte_streams(batch)}
 
 
-def _direct(piece: list[torch.Tensor]) -> bool:
-    return len(piece) == 1 and not piece[0].is_cuda
-
-
-def _size(piece: list[torch.Tensor]) -> int:
-    return sum(v.numel() for v in piece)
-
-
-def _gather(piece: list[torch.Tensor], buf: torch.Tensor) -> None:
-    """Copies the piece's views into ``buf`` (device-to-host copies are asynchronous)."""
-    pos = 0
-    for v in piece:
-        buf[pos : pos + v.numel()].copy_(v, non_blocking=v.is_cuda)
-        pos += v.numel()
-
-
-def _scatter(buf: torch.Tensor, piece: list[torch.Tensor]) -> None:
-    pos = 0
-    for v in piece:
-        v.copy_(buf[pos : pos + v.numel()], non_blocking=v.is_cuda)
-        pos += v.numel()
+def _direct(piece: Piece) -> torch.Tensor | None:
+    """The piece's one host view, which Gloo sends or receives in place; else None."""
+    return piece.view if piece.view is not None and not piece.view.is_cuda else None
 
 
 class GlooTransport(Transport):
@@ -181,7 +155,7 @@ class GlooTransport(Transport):
         if not on_cuda:
             for src, dst in batch.copies:
                 dst.view(-1).copy_(src.view(-1))
-            self._run_direct(batch.ops, deadline)
+            self._run_direct(batch, deadline)
             return
         self._ensure_cuda()
         assert self._d2h is not None and self._h2d is not None
@@ -196,27 +170,28 @@ class GlooTransport(Transport):
                     dst.view(-1).copy_(src.view(-1), non_blocking=True)
                 copies_done = _cuda.new_event()
                 copies_done.record(h2d)
-        self._run_lanes(batch.ops, deadline)
+        self._run_lanes(batch, deadline)
         if copies_done is not None:
             _cuda.wait_event(copies_done, deadline)
 
-    def _run_direct(self, ops: list[Op], deadline: float | None) -> None:
+    def _run_direct(self, batch: PreparedBatch, deadline: float | None) -> None:
         works: list[dist.Work] = []
-        scatters: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        for (kind, peer), pieces in _stream_pieces(ops, self._chunk).items():
+        scatters: list[tuple[torch.Tensor, Piece]] = []
+        for (kind, peer), pieces in _stream_pieces(batch, self._chunk).items():
             for tag, piece in enumerate(pieces):
-                if len(piece) == 1:
-                    buf = piece[0]
-                elif kind is OpKind.SEND:
-                    buf = torch.cat(piece)  # small tensors travel together
-                else:
-                    buf = torch.empty(_size(piece), dtype=torch.uint8)
-                    scatters.append((buf, piece))
+                if piece.view is not None:
+                    buf = piece.view
+                else:  # small tensors travel together
+                    buf = torch.empty(piece.nbytes, dtype=torch.uint8)
+                    if kind is OpKind.SEND:
+                        piece.gather(buf, same_device=True)
+                    else:
+                        scatters.append((buf, piece))
                 works.append(self._post(kind, buf, peer, tag))
         for work in works:
             wait_work(work, deadline)
         for buf, piece in scatters:
-            _scatter(buf, piece)
+            piece.scatter(buf, same_device=True)
 
     def _post(self, kind: OpKind, buf: torch.Tensor, peer: int, tag: int) -> dist.Work:
         # Piece i of a (peer, direction) stream travels on stripe i % K: each stripe is its
@@ -265,11 +240,11 @@ class GlooTransport(Transport):
             for i in range(self._slots_per_lane)
         ]
 
-    def _run_lanes(self, ops: list[Op], deadline: float | None) -> None:
+    def _run_lanes(self, batch: PreparedBatch, deadline: float | None) -> None:
         assert self._lanes is not None
-        streams = _stream_pieces(ops, self._chunk)
+        streams = _stream_pieces(batch, self._chunk)
         k = len(self._groups)
-        lanes: dict[tuple[OpKind, int, int], list[tuple[int, list[torch.Tensor]]]] = {}
+        lanes: dict[tuple[OpKind, int, int], list[tuple[int, Piece]]] = {}
         for (kind, peer), pieces in streams.items():
             for stripe in range(k):
                 items = [(tag, p) for tag, p in enumerate(pieces) if tag % k == stripe]
@@ -296,7 +271,7 @@ class GlooTransport(Transport):
     def _send_lane(
         self,
         peer: int,
-        items: list[tuple[int, list[torch.Tensor]]],
+        items: list[tuple[int, Piece]],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
@@ -304,8 +279,9 @@ class GlooTransport(Transport):
         free = list(range(len(slots)))
         inflight: collections.deque[tuple[dist.Work, int | None]] = collections.deque()
         for tag, piece in items:
-            if _direct(piece):
-                inflight.append((self._post(OpKind.SEND, piece[0], peer, tag), None))
+            direct = _direct(piece)
+            if direct is not None:
+                inflight.append((self._post(OpKind.SEND, direct, peer, tag), None))
                 continue
             while not free:
                 work, slot = inflight.popleft()
@@ -313,9 +289,9 @@ class GlooTransport(Transport):
                 if slot is not None:
                     free.append(slot)
             slot = free.pop()
-            buf = slots[slot][: _size(piece)]
+            buf = slots[slot][: piece.nbytes]
             with torch.cuda.stream(d2h):
-                _gather(piece, buf)
+                piece.gather(buf, same_device=False, non_blocking=True)
                 copied = _cuda.new_event()
                 copied.record(d2h)
             _cuda.wait_event(copied, deadline)
@@ -326,25 +302,24 @@ class GlooTransport(Transport):
     def _recv_lane(
         self,
         peer: int,
-        items: list[tuple[int, list[torch.Tensor]]],
+        items: list[tuple[int, Piece]],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         _, h2d = self._streams()
         free = list(range(len(slots)))
-        posted: collections.deque[tuple[dist.Work, int | None, list[torch.Tensor]]] = (
-            collections.deque()
-        )
+        posted: collections.deque[tuple[dist.Work, int | None, Piece]] = collections.deque()
         upcoming = collections.deque(items)
 
         def post_more() -> None:
-            while upcoming and (_direct(upcoming[0][1]) or free):
+            while upcoming and (_direct(upcoming[0][1]) is not None or free):
                 tag, piece = upcoming.popleft()
-                if _direct(piece):
-                    posted.append((self._post(OpKind.RECV, piece[0], peer, tag), None, piece))
+                direct = _direct(piece)
+                if direct is not None:
+                    posted.append((self._post(OpKind.RECV, direct, peer, tag), None, piece))
                     continue
                 slot = free.pop()
-                buf = slots[slot][: _size(piece)]
+                buf = slots[slot][: piece.nbytes]
                 posted.append((self._post(OpKind.RECV, buf, peer, tag), slot, piece))
 
         post_more()
@@ -353,7 +328,7 @@ class GlooTransport(Transport):
             wait_work(work, deadline)
             if slot is not None:
                 with torch.cuda.stream(h2d):
-                    _scatter(slots[slot][: _size(piece)], piece)
+                    piece.scatter(slots[slot][: piece.nbytes], same_device=False, non_blocking=True)
                     landed = _cuda.new_event()
                     landed.record(h2d)
                 _cuda.wait_event(landed, deadline)
