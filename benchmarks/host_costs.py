@@ -6,7 +6,8 @@ ordinary and interprocess events, entering a stream context, a driver pointer qu
 
 The packing lines time the ways to gather many tensors into one staging buffer on one GPU
 (and to scatter it back): host time per call and GPU time per call, for 1000 x 64 KiB
-tensors (the many-small workload) and 48 DeepSeek-V3 fp8 expert tensors (eplb).
+tensors (the many-small workload), 256 x 1 MiB and 48 DeepSeek-V3 fp8 expert tensors
+(eplb).
 
     python benchmarks/host_costs.py
 """
@@ -89,8 +90,11 @@ def _pack_ways(
 def _packing(driver: Driver, stream: torch.cuda.Stream) -> dict[str, dict[str, float]]:
     many = [(64 << 10,)] * 1000
     eplb = [(2048, 7168), (2048, 7168), (7168, 2048)] * 16
-    return _pack_ways(driver, stream, "1000 x 64 KiB", many) | _pack_ways(
-        driver, stream, "48 eplb tensors", eplb
+    mid = [(1 << 20,)] * 256
+    return (
+        _pack_ways(driver, stream, "1000 x 64 KiB", many)
+        | _pack_ways(driver, stream, "256 x 1 MiB", mid)
+        | _pack_ways(driver, stream, "48 eplb tensors", eplb)
     )
 
 

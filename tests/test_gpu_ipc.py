@@ -114,11 +114,17 @@ async def mismatch_checked_in_band(rank: int, world: int) -> None:
         same_bytes(mine, gpu_payload(3, (5,), torch.float32))
 
 
-async def adjacent_tensors_merge(rank: int, world: int) -> list[int]:
-    """Slices that sit back to back on both sides go as one copy; data lands in order."""
+async def adjacent_tensors_merge(rank: int, world: int, batched: bool) -> list[int]:
+    """Slices that sit back to back on both sides go as one copy; data lands in order.
+
+    ``batched=False`` takes the path of drivers without cuMemcpyBatchAsync (before CUDA
+    12.8): one cuMemcpyDtoDAsync per copy.
+    """
     peer = 1 - rank
     counted: list[int] = []
     async with aeplb.create_communicator("ipc", timeout=60) as comm:
+        if not batched:
+            comm._transport._copy_batch = False  # type: ignore[attr-defined]
         driver = comm._transport._driver  # type: ignore[attr-defined]
         batch_copy, one_copy = driver.copy_batch_async, driver.copy_async
 
@@ -164,6 +170,8 @@ async def adjacent_tensors_merge(rank: int, world: int) -> list[int]:
                 if layout == "slices":
                     # the first 50 join into one copy; the reversed 50 stay apart
                     assert sum(counted) == 51, counted
+                if not batched:
+                    assert set(counted) == {1}, counted
         finally:
             driver.copy_batch_async, driver.copy_async = batch_copy, one_copy
     return counted
@@ -278,8 +286,9 @@ def test_mismatch_is_checked_in_band(gpus2: RankPool) -> None:
     gpus2.run(mismatch_checked_in_band, backend="trio", pg_backend=PG)
 
 
-def test_adjacent_tensors_merge_into_fewer_copies(gpus2: RankPool) -> None:
-    counted = gpus2.run(adjacent_tensors_merge, backend="asyncio", pg_backend=PG)
+@pytest.mark.parametrize("batched", [True, False])
+def test_adjacent_tensors_merge_into_fewer_copies(gpus2: RankPool, batched: bool) -> None:
+    counted = gpus2.run(adjacent_tensors_merge, batched, backend="asyncio", pg_backend=PG)
     print("COPIES FOR 100 SEPARATE SMALL TENSORS", counted)
 
 

@@ -177,3 +177,17 @@ def test_streams_split_by_direction_and_peer_in_first_use_order() -> None:
         stream.piece(0, stream.nbytes).gather(buf, same_device=True)
         assert torch.equal(buf, flat_bytes(tensors))
     assert byte_streams(batch_of([(OpKind.SEND, torch.empty(0), 1)])) == []
+
+
+def test_many_large_tensors_of_one_dtype_gather_through_views(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_streams, "SMALL", 16)  # every tensor here counts as large
+    sources = [payload(i + 1, (3, 2 + i % 4), torch.float32) for i in range(2 * _streams.FEW)]
+    stream = stream_of(sources)
+    for start, stop in [(0, stream.nbytes), (6, stream.nbytes - 2)]:
+        piece = stream.piece(start, stop)
+        assert piece.dtype == torch.float32
+        buf = torch.empty(piece.nbytes, dtype=torch.uint8)
+        piece.gather(buf, same_device=True)
+        assert torch.equal(buf, flat_bytes(sources)[start:stop])

@@ -21,6 +21,10 @@ from .._ops import DTYPE, IS_RECV, NBYTES, PEER, PTR, OpKind, PreparedBatch, dty
 # at this count, and torch.cat's kernel is the fastest gather); past it, through calls
 # that take the tensors as they are, so no Python runs per tensor.
 FEW = 64
+# torch._chunk_cat gathers small tensors as fast as torch.cat but large ones 3.5 x slower
+# (H200: 1000 x 64 KiB in 0.33 ms, 48 x 14.7 MB in 1.16 ms against 0.33 ms): past this
+# average size, a piece is gathered through byte views and torch.cat after all.
+SMALL = 1 << 20
 
 _chunk_cat = getattr(torch, "_chunk_cat", None)  # torch >= 2.4
 
@@ -94,8 +98,11 @@ def _typed(piece: Piece, buf: torch.Tensor) -> torch.Tensor | None:
 
 def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
     typed = _typed(piece, buf)
-    if typed is not None and same_device and _chunk_cat is not None:
-        _chunk_cat(piece.whole, 0, 1, out=typed.view(1, -1))
+    if typed is not None and same_device:
+        if _chunk_cat is not None and buf.numel() <= SMALL * len(piece.whole):
+            _chunk_cat(piece.whole, 0, 1, out=typed.view(1, -1))
+        else:
+            torch.cat([as_bytes(t) for t in piece.whole], out=buf)
     elif typed is not None:
         parts = torch._C._nn.unflatten_dense_tensors(typed, list(piece.whole))
         torch._foreach_copy_(parts, piece.whole, non_blocking=non_blocking)
