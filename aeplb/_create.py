@@ -48,17 +48,13 @@ def _make_transport(
                 f"{backends!r}; pass group=torch.distributed.new_group(backend='gloo') "
                 "(called on every rank)"
             )
-        from .transports.gloo import GlooTransport
+        from .transports.gloo import GlooTransport, make_stripes
 
         gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
         stripes = options.pop("stripes", DEFAULT_STRIPES if torch.cuda.is_available() else 1)
         if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
             raise InvalidTransferError(f"stripes must be an int >= 1, got {stripes!r}")
-        members = [dist.get_global_rank(group, r) for r in range(world_size)]
-        extra = [
-            dist.new_group(members, backend="gloo", use_local_synchronization=True)
-            for _ in range(stripes - 1)
-        ]
+        extra = make_stripes(group, rank, world_size, stripes - 1)
         return GlooTransport(group, rank, world_size, device=device, stripes=extra, **gloo_options)
     if not torch.cuda.is_available():
         raise BackendUnavailableError(

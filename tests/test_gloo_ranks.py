@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import anyio
@@ -55,6 +56,27 @@ async def exchange_ring(rank: int, world: int, rounds: int) -> int:
             await comm.execute()
             assert_same(buf, payload(seed_of(prv, rank, r), (1000 + r,)), f"round {r}")
         return comm.statistics().batches_completed
+
+
+def _open_files() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def striped_open_close(rank: int, world: int, rounds: int) -> list[int]:
+    """Opens, uses and closes striped communicators; returns open files after each."""
+    peer = 1 - rank
+    files = []
+    for r in range(rounds):
+        async with aeplb.create_communicator("gloo", stripes=4, chunk_bytes=1 << 10) as comm:
+            buf = poisoned((5000,))
+            comm.add_send(payload(seed_of(rank, peer, r), (5000,)), peer)
+            comm.add_recv(buf, peer)
+            await comm.execute()  # 20 KB in 1 KiB pieces: every stripe carries some
+            assert_same(buf, payload(seed_of(peer, rank, r), (5000,)), f"round {r}")
+        files.append(_open_files())
+    return files
 
 
 async def exchange_in_subgroups(rank: int, world: int) -> list[int]:
@@ -418,6 +440,13 @@ def test_cancellation_keeps_communicator_usable(world2: RankPool, how: str) -> N
     for backend in backends:
         result = world2.run(cancel_midway, how, backend=backend)
         assert result[0]["cancelled"] == 1.0, "the transfer finished before the cancel"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_closing_destroys_the_stripe_groups(world2: RankPool) -> None:
+    # each striped communicator makes 3 Gloo groups of its own, each with its own sockets
+    for files in world2.run(striped_open_close, 6, backend="asyncio"):
+        assert files[-1] <= files[0] + 2, f"open files after each round: {files}"
 
 
 def test_concurrent_execute_is_an_error(world2: RankPool, anyio_backend: str) -> None:

@@ -16,15 +16,25 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore
 
 from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import OpKind, PreparedBatch
 from ._base import Transport
 from ._streams import Piece, byte_streams
+
+
+class Channel(Protocol):
+    """A group pieces travel on: the communicator's own, or a stripe made for it."""
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int, /) -> dist.Work: ...
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int, /) -> dist.Work: ...
+
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
@@ -79,13 +89,13 @@ class GlooTransport(Transport):
         device: torch.device | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
-        stripes: list[dist.ProcessGroup] | None = None,
+        stripes: list[Channel] | None = None,
     ) -> None:
         super().__init__(rank, world_size)
         for name, value in (("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
-        self._groups = [group, *(stripes or [])]
+        self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
         lanes = 2 * max(world_size - 1, 1) * len(self._groups)
         self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
         if self._slots_per_lane < 1:
@@ -95,7 +105,6 @@ class GlooTransport(Transport):
                 f"at least {lanes * chunk_bytes} or lower chunk_bytes (same on every rank)"
             )
         self._group = group
-        self._global = [dist.get_global_rank(group, r) for r in range(world_size)]
         self._chunk = chunk_bytes
         self._device = device if device is None or device.type == "cuda" else None
         self._pool: torch.Tensor | None = None
@@ -196,14 +205,10 @@ class GlooTransport(Transport):
     def _post(self, kind: OpKind, buf: torch.Tensor, peer: int, tag: int) -> dist.Work:
         # Piece i of a (peer, direction) stream travels on stripe i % K: each stripe is its
         # own Gloo group with its own connections, so K pieces are on the wire at once.
-        g = self._global[peer]
         group = self._groups[tag % len(self._groups)]
         if kind is OpKind.SEND:
-            work = dist.isend(buf, dst=g, group=group, tag=tag)
-        else:
-            work = dist.irecv(buf, src=g, group=group, tag=tag)
-        assert work is not None
-        return work
+            return group.send([buf], peer, tag)
+        return group.recv([buf], peer, tag)
 
     def _streams(self) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         assert self._d2h is not None and self._h2d is not None
@@ -340,3 +345,37 @@ class GlooTransport(Transport):
             self._lanes.shutdown(wait=True)
             self._lanes = None
         self._pool = None
+        del self._groups[1:]  # the stripes are this transport's own: their sockets close
+
+
+# Stripe sets made so far per group name. Every member creates its communicators on a
+# group in the same order (creation is collective), so the count names a set alike on all.
+_STRIPE_SETS: collections.Counter[str] = collections.Counter()
+
+
+def make_stripes(group: dist.ProcessGroup, rank: int, world_size: int, count: int) -> list[Channel]:
+    """``count`` Gloo groups of ``group``'s members, for one communicator alone.
+
+    They are not registered with torch.distributed, so dropping them closes their
+    connections: ``dist.new_group`` groups would stay open until the process exits, and
+    destroying one lets a later group reuse its name, and with it the stale addresses its
+    peers left in the store.
+    """
+    if count < 1:
+        return []
+    name = group.group_name
+    serial = _STRIPE_SETS[name]
+    _STRIPE_SETS[name] += 1
+    store = dist.distributed_c10d._get_default_store()
+    return [
+        cast(
+            Channel,
+            dist.ProcessGroupGloo(
+                PrefixStore(f"aeplb/stripes/{name}/{serial}/{k}/", store),
+                rank,
+                world_size,
+                timedelta(minutes=30),  # torch's default for Gloo groups
+            ),
+        )
+        for k in range(count)
+    ]
