@@ -33,6 +33,10 @@ class RankTimeout(AssertionError):
     """Ranks did not answer in time; the pool was killed."""
 
 
+# The "rank" of the message in which rank 0 tells the port its store listens on.
+_PORT = -1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,13 +58,20 @@ def _rank_main(rank: int, world_size: int, tasks: Any, results: Any) -> None:
         try:
             if "nccl" in pg_backend:
                 torch.cuda.set_device(rank % torch.cuda.device_count())
+            timeout = timedelta(seconds=pg_timeout)
+            if rank == 0:
+                # The store listens on a port the OS picks while binding it: a port picked
+                # beforehand can be taken by another socket before the store binds it.
+                store = dist.TCPStore(
+                    "127.0.0.1", 0, world_size, True, timeout, wait_for_workers=False
+                )
+                results.put((run_id, _PORT, True, store.port))
+            else:
+                store = dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
             dist.init_process_group(
-                pg_backend,
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world_size,
-                timeout=timedelta(seconds=pg_timeout),
+                pg_backend, store=store, rank=rank, world_size=world_size, timeout=timeout
             )
+            del store  # the default group holds it
             call = functools.partial(fn, rank, world_size, *args)
             if backend == "sync":
                 value = call()
@@ -135,10 +146,10 @@ class RankPool:
         """
         self._ensure()
         run_id = next(self._ids)
-        port = free_port()
-        for q in self._tasks:
-            q.put((run_id, fn, args, backend, port, pg_timeout, pg_backend))
+        # rank 0 first: the others learn the port its store got
+        self._tasks[0].put((run_id, fn, args, backend, 0, pg_timeout, pg_backend))
         got: dict[int, tuple[bool, Any]] = {}
+        started = self.world_size == 1
         import time
 
         deadline = time.monotonic() + timeout
@@ -161,8 +172,14 @@ class RankPool:
                     f"rank(s) {missing} did not finish {fn.__name__} within {timeout} s; "
                     f"finished: {self._describe(got)}"
                 ) from None
-            if rid == run_id:
+            if rid == run_id and rank == _PORT:
+                for q in self._tasks[1:]:
+                    q.put((run_id, fn, args, backend, value, pg_timeout, pg_backend))
+                started = True
+            elif rid == run_id:
                 got[rank] = (ok, value)
+                if not started:  # rank 0 failed before its store was up; the rest never ran
+                    break
         if allow_dead:
             self.kill()  # respawn for the next test; some ranks are gone or stuck
         failed = {r: v for r, (ok, v) in got.items() if not ok}
