@@ -45,16 +45,6 @@ class Piece:
     tail: torch.Tensor | None = None  # the start of a tensor the piece ends inside (uint8)
     dtype: torch.dtype | None = None  # the whole tensors' dtype, when they share one
 
-    def views(self) -> list[torch.Tensor]:
-        """The piece as uint8 views, in stream order."""
-        if self.view is not None:
-            return [self.view]
-        out = [] if self.head is None else [self.head]
-        out.extend(as_bytes(t) for t in self.whole)
-        if self.tail is not None:
-            out.append(self.tail)
-        return out
-
     def gather(self, buf: torch.Tensor, *, same_device: bool, non_blocking: bool = False) -> None:
         """Copies the piece into ``buf`` (uint8, ``nbytes`` long) on the current stream;
         ``same_device`` says that every tensor of the piece is on ``buf``'s device."""
@@ -98,12 +88,10 @@ def _typed(piece: Piece, buf: torch.Tensor) -> torch.Tensor | None:
 
 def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
     typed = _typed(piece, buf)
-    if typed is not None and same_device:
-        if _chunk_cat is not None and buf.numel() <= SMALL * len(piece.whole):
-            _chunk_cat(piece.whole, 0, 1, out=typed.view(1, -1))
-        else:
-            torch.cat([as_bytes(t) for t in piece.whole], out=buf)
-    elif typed is not None:
+    small = buf.numel() <= SMALL * len(piece.whole)
+    if typed is not None and same_device and small and _chunk_cat is not None:
+        _chunk_cat(piece.whole, 0, 1, out=typed.view(1, -1))
+    elif typed is not None and not same_device:
         parts = torch._C._nn.unflatten_dense_tensors(typed, list(piece.whole))
         torch._foreach_copy_(parts, piece.whole, non_blocking=non_blocking)
     elif same_device:
@@ -166,6 +154,7 @@ class ByteStream:
         gaps = self._ptr[1:] != self._ptr[:-1] + sizes[:-1]
         self._gaps = np.concatenate(([0], np.cumsum(gaps)))
         self._codes = rows[:, DTYPE]
+        # running counts of dtype changes: tensors i..j share a dtype iff equal at i and j
         self._kinds = np.concatenate(([0], np.cumsum(self._codes[1:] != self._codes[:-1])))
 
     def __len__(self) -> int:

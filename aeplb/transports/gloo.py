@@ -366,6 +366,7 @@ def make_stripes(group: dist.ProcessGroup, rank: int, world_size: int, count: in
     name = group.group_name
     serial = _STRIPE_SETS[name]
     _STRIPE_SETS[name] += 1
+    # the store every rank reached at init_process_group: no public accessor returns it
     store = dist.distributed_c10d._get_default_store()
     return [
         cast(
