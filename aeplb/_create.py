@@ -152,7 +152,8 @@ def create_communicator(
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
             8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
             ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
-            each with its own connections, that pieces are spread over. Peers must agree on
+            each with its own connections, that pieces are spread over; the communicator
+            makes the extra ones and closes them with itself. Peers must agree on
             ``chunk_bytes`` and ``stripes``.
 
     Returns:
