@@ -18,7 +18,7 @@ import aeplb
 from .conftest import require_gpu
 from .multirank import RankPool
 from .payloads import seed_of
-from .test_gpu_transports import PG, gpu_payload, poisoned, same_bytes
+from .test_gpu_transports import PG, gpu_payload, poisoned, same_bytes, swap
 
 pytestmark = pytest.mark.gpu
 
@@ -220,15 +220,7 @@ async def other_node(rank: int, world: int) -> list[int]:
     async with comm:
         assert comm.backend == "ipc"
         local = comm._transport.local_ranks  # type: ignore[attr-defined]
-        bufs = []
-        for i in range(5):
-            comm.add_send(gpu_payload(seed_of(rank, peer, i), (777 + i,), torch.bfloat16), peer)
-            buf = poisoned((777 + i,), torch.bfloat16)
-            comm.add_recv(buf, peer)
-            bufs.append(buf)
-        await comm.execute()
-        for i, buf in enumerate(bufs):
-            same_bytes(buf, gpu_payload(seed_of(peer, rank, i), (777 + i,), torch.bfloat16))
+        await swap(comm, rank, peer, [((777 + i,), torch.bfloat16) for i in range(5)])
     return list(local)
 
 
@@ -237,16 +229,7 @@ async def one_gpu_two_processes(rank: int, world: int) -> None:
     torch.cuda.set_device(0)  # earlier tests in this rank process may have picked another
     peer = 1 - rank
     async with aeplb.create_communicator("ipc", device="cuda:0", timeout=60) as comm:
-        bufs = []
-        for i in range(20):
-            comm.add_send(gpu_payload(seed_of(rank, peer, i), (50_000 + i,), torch.float32), peer)
-            buf = poisoned((50_000 + i,), torch.float32)
-            comm.add_recv(buf, peer)
-            bufs.append(buf)
-        await comm.execute()
-        for i, buf in enumerate(bufs):
-            want = gpu_payload(seed_of(peer, rank, i), (50_000 + i,), torch.float32)
-            same_bytes(buf, want, f"tensor {i}")
+        await swap(comm, rank, peer, [((50_000 + i,), torch.float32) for i in range(20)])
 
 
 async def peer_exits(rank: int, world: int) -> float:

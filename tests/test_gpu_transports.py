@@ -55,6 +55,22 @@ def gpus2(world2: RankPool) -> RankPool:
 # -- rank functions -------------------------------------------------------------------
 
 
+async def swap(
+    comm: aeplb.Communicator, rank: int, peer: int, specs: list[tuple[tuple[int, ...], torch.dtype]]
+) -> aeplb.TransferStats:
+    """Sends ``peer`` a payload per (shape, dtype) and receives as many from it, in one batch
+    with whatever else is queued; checks every byte received."""
+    bufs = []
+    for i, (shape, dtype) in enumerate(specs):
+        comm.add_send(gpu_payload(seed_of(rank, peer, i), shape, dtype), peer)
+        bufs.append(poisoned(shape, dtype))
+        comm.add_recv(bufs[-1], peer)
+    stats = await comm.execute()
+    for i, (buf, (shape, dtype)) in enumerate(zip(bufs, specs, strict=True)):
+        same_bytes(buf, gpu_payload(seed_of(peer, rank, i), shape, dtype), f"tensor {i}")
+    return stats
+
+
 async def exchange(
     rank: int,
     world: int,
@@ -70,20 +86,12 @@ async def exchange(
     shapes = [(32 << 20,)] if layout == "one-large" else [(1000 + 37 * i,) for i in range(150)]
     async with aeplb.create_communicator(backend, timeout=120, **(options or {})) as comm:
         assert comm.backend == backend
-        bufs = []
-        for i, shape in enumerate(shapes):
-            comm.add_send(gpu_payload(seed_of(rank, peer, i), shape, dtype), peer)
-            buf = poisoned(shape, dtype)
-            comm.add_recv(buf, peer)
-            bufs.append(buf)
         # a self-send rides along: a device copy, never a network op
         mine = gpu_payload(seed_of(rank, rank, 0), (4097,), dtype)
         got_mine = poisoned((4097,), dtype)
         comm.add_send(mine, rank)
         comm.add_recv(got_mine, rank)
-        stats = await comm.execute()
-        for i, (buf, shape) in enumerate(zip(bufs, shapes, strict=True)):
-            same_bytes(buf, gpu_payload(seed_of(peer, rank, i), shape, dtype), f"tensor {i}")
+        stats = await swap(comm, rank, peer, [(shape, dtype) for shape in shapes])
         same_bytes(got_mine, mine, "self-send")
         assert stats.num_copies == 1
         return stats.seconds
@@ -112,16 +120,8 @@ async def packing(rank: int, world: int, backend: str, layout: str, options: dic
             await comm.execute()
             same_bytes(dst, gpu_payload(seed_of(peer, rank, 0), (3 << 20,), torch.bfloat16))
         else:
-            shapes = _shapes(layout)
-            bufs = [poisoned(s, d) for s, d in shapes]
             for _ in range(2):  # the second batch reuses the staging slots
-                for i, (shape, dtype) in enumerate(shapes):
-                    comm.add_send(gpu_payload(seed_of(rank, peer, i), shape, dtype), peer)
-                    comm.add_recv(bufs[i], peer)
-                await comm.execute()
-                for i, (buf, (shape, dtype)) in enumerate(zip(bufs, shapes, strict=True)):
-                    same_bytes(buf, gpu_payload(seed_of(peer, rank, i), shape, dtype), f"#{i}")
-                    buf.zero_()
+                await swap(comm, rank, peer, _shapes(layout))
         return int(comm._transport.staging_bytes)  # type: ignore[attr-defined]
 
 
