@@ -26,10 +26,6 @@ class Op:
         self.tensor = tensor
         self.peer = peer
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.tensor.nbytes)
-
     def __repr__(self) -> str:
         return f"Op({self.kind.name}, {tuple(self.tensor.shape)} {self.tensor.dtype}, {self.peer})"
 
@@ -226,13 +222,6 @@ def prepare(queue: OpQueue, rank: int) -> PreparedBatch:
         num_recvs=len(queue.tensors) - queue.sends,
         rows=queue.rows,
     )
-
-
-def per_peer(ops: list[Op]) -> dict[tuple[OpKind, int], list[Op]]:
-    grouped: dict[tuple[OpKind, int], list[Op]] = defaultdict(list)
-    for op in ops:
-        grouped[(op.kind, op.peer)].append(op)
-    return grouped
 
 
 def group_chunks(ops: list[Op], world_size: int, max_ops: int | None) -> list[list[Op]]:
