@@ -125,6 +125,30 @@ async def packing(rank: int, world: int, backend: str, layout: str, options: dic
         return int(comm._transport.staging_bytes)  # type: ignore[attr-defined]
 
 
+async def gloo_lanes(rank: int, world: int) -> int:
+    """Staged pieces cycle through two slots per lane over three stripes, with CPU tensors
+    (sent in place) in the same streams; returns the pinned memory held."""
+    peer = 1 - rank
+    chunk = 64 << 10
+    options = {"stripes": 3, "chunk_bytes": chunk, "staging_bytes": 4 * chunk}
+    async with aeplb.create_communicator("gloo", timeout=120, **options) as comm:
+        for batch in range(2):  # the second batch reuses the slots
+            specs = [(3000 + 4099 * i, FP8 if i % 3 else torch.float32) for i in range(40)]
+            sent, bufs = [], []
+            for i, (n, dtype) in enumerate(specs):
+                where = "cpu" if i % 7 == 3 else "cuda"
+                seed = seed_of(rank, peer, 100 * batch + i)
+                sent.append(gpu_payload(seed, (n,), dtype).to(where))
+                comm.add_send(sent[-1], peer)
+                bufs.append(torch.zeros(n, dtype=dtype, device=where))
+                comm.add_recv(bufs[-1], peer)
+            await comm.execute()
+            for i, (n, dtype) in enumerate(specs):
+                want = gpu_payload(seed_of(peer, rank, 100 * batch + i), (n,), dtype)
+                same_bytes(bufs[i], want, f"batch {batch} tensor {i}")
+        return int(comm._transport.staging_bytes)  # type: ignore[attr-defined]
+
+
 async def stream_ordering(rank: int, world: int, backend: str) -> None:
     """A kernel writes the send tensor on the caller's stream right before execute()."""
     peer = 1 - rank
@@ -272,6 +296,11 @@ def test_small_chunks_reuse_staging_slots(gpus2: RankPool, backend: str, coalesc
     # 1 MiB chunks and a 2-chunk pool: every slot is reused many times within one batch
     options = {"coalesce": coalesce, "chunk_bytes": 1 << 20, "staging_bytes": 2 << 20}
     gpus2.run(exchange, backend, "bf16", "many", options, backend="asyncio", pg_backend=PG)
+
+
+def test_gloo_lanes_cycle_slots_over_stripes(gpus2: RankPool) -> None:
+    held = gpus2.run(gloo_lanes, backend="asyncio", pg_backend=PG)
+    assert held == [4 * (64 << 10)] * 2, "two lanes of two slots, within staging_bytes"
 
 
 @pytest.mark.parametrize("backend", ["nccl", "pynccl"])

@@ -3,8 +3,10 @@
 Every tensor travels as pieces of ``chunk_bytes`` (the same cut on every rank, whatever
 the device), matched by a per-peer sequence number used as the Gloo tag. CUDA pieces pass
 through a pinned host pool allocated once: each (peer, direction) lane owns a few slots
-and runs on its own thread, so a piece's device-to-host copy overlaps the previous piece on
-the wire, and a slow peer can never starve another peer's lane (no cross-peer deadlock).
+and runs on its own thread, so the device-host copies of some pieces overlap others on the
+wire, and a slow peer can never starve another peer's lane (no cross-peer deadlock). A lane
+posts its pieces over every stripe from that one thread: Gloo moves the bytes on its own
+threads, and each Python thread that wakes takes the GIL from the event loop's thread.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Channel(Protocol):
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
-_MAX_SLOTS_PER_LANE = 4
+_MAX_SLOTS_PER_STRIPE = 4
 
 
 def _remaining(deadline: float | None) -> timedelta | None:
@@ -61,6 +63,19 @@ def wait_work(work: dist.Work, deadline: float | None) -> None:
         raise
     if ok is False:
         raise TimeoutError("the deadline passed before the transfer finished")
+
+
+def _reap(
+    inflight: collections.deque[tuple[dist.Work, int | None]],
+    free: list[int],
+    deadline: float | None,
+) -> None:
+    """Frees the slots of the sends at the front of ``inflight`` that have finished."""
+    while inflight and inflight[0][0].is_completed():
+        work, slot = inflight.popleft()
+        wait_work(work, deadline)  # raises the send's error, if it failed
+        if slot is not None:
+            free.append(slot)
 
 
 def _stream_pieces(batch: PreparedBatch, chunk: int) -> dict[tuple[OpKind, int], list[Piece]]:
@@ -96,8 +111,10 @@ class GlooTransport(Transport):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
         self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
-        lanes = 2 * max(world_size - 1, 1) * len(self._groups)
-        self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
+        lanes = 2 * max(world_size - 1, 1)
+        self._slots_per_lane = min(
+            staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_STRIPE * len(self._groups)
+        )
         if self._slots_per_lane < 1:
             raise InvalidTransferError(
                 f"staging_bytes={staging_bytes} cannot give each of the {lanes} "
@@ -222,7 +239,7 @@ class GlooTransport(Transport):
         assert self._device is not None
         device = self._device
         torch.cuda.set_device(device)
-        lanes = 2 * max(self.world_size - 1, 1) * len(self._groups)
+        lanes = 2 * max(self.world_size - 1, 1)
         # Pinned once, reused by every batch: pageable per-call buffers are what make
         # the reference staged path slow.
         self._pool = torch.empty(
@@ -247,20 +264,12 @@ class GlooTransport(Transport):
 
     def _run_lanes(self, batch: PreparedBatch, deadline: float | None) -> None:
         assert self._lanes is not None
-        streams = _stream_pieces(batch, self._chunk)
-        k = len(self._groups)
-        lanes: dict[tuple[OpKind, int, int], list[tuple[int, Piece]]] = {}
-        for (kind, peer), pieces in streams.items():
-            for stripe in range(k):
-                items = [(tag, p) for tag, p in enumerate(pieces) if tag % k == stripe]
-                if items:
-                    lanes[(kind, peer, stripe)] = items
         futures: list[Future[None]] = []
-        for (kind, peer, stripe), items in lanes.items():
+        for (kind, peer), pieces in _stream_pieces(batch, self._chunk).items():
             other = peer if peer < self.rank else peer - 1
-            lane = (2 * other + (0 if kind is OpKind.SEND else 1)) * k + stripe
+            lane = 2 * other + (0 if kind is OpKind.SEND else 1)
             work: Callable[..., None] = self._send_lane if kind is OpKind.SEND else self._recv_lane
-            futures.append(self._lanes.submit(work, peer, items, self._lane_slots(lane), deadline))
+            futures.append(self._lanes.submit(work, peer, pieces, self._lane_slots(lane), deadline))
         errors: list[BaseException] = []
         for future in futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0
@@ -276,69 +285,91 @@ class GlooTransport(Transport):
     def _send_lane(
         self,
         peer: int,
-        items: list[tuple[int, Piece]],
+        pieces: list[Piece],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         d2h, _ = self._streams()
         free = list(range(len(slots)))
+        copying: collections.deque[tuple[int, int, torch.cuda.Event]] = collections.deque()
         inflight: collections.deque[tuple[dist.Work, int | None]] = collections.deque()
-        for tag, piece in items:
-            direct = _direct(piece)
-            if direct is not None:
-                inflight.append((self._post(OpKind.SEND, direct, peer, tag), None))
-                continue
-            while not free:
+        tag = 0  # the next piece to start
+        while tag < len(pieces) or copying:
+            _reap(inflight, free, deadline)
+            # every free slot takes the next piece: the copies run back to back on the
+            # copy stream while earlier pieces are on the wire
+            while tag < len(pieces):
+                direct = _direct(pieces[tag])
+                if direct is not None:
+                    inflight.append((self._post(OpKind.SEND, direct, peer, tag), None))
+                elif free:
+                    into = free.pop()
+                    with torch.cuda.stream(d2h):
+                        pieces[tag].gather(
+                            slots[into][: pieces[tag].nbytes], same_device=False, non_blocking=True
+                        )
+                        copied = _cuda.new_event()
+                        copied.record(d2h)
+                    copying.append((tag, into, copied))
+                else:
+                    break
+                tag += 1
+            if copying:
+                first, into, copied = copying.popleft()
+                _cuda.wait_event(copied, deadline)
+                buf = slots[into][: pieces[first].nbytes]
+                inflight.append((self._post(OpKind.SEND, buf, peer, first), into))
+            elif inflight:  # every slot holds a piece on the wire
                 work, slot = inflight.popleft()
                 wait_work(work, deadline)
                 if slot is not None:
                     free.append(slot)
-            slot = free.pop()
-            buf = slots[slot][: piece.nbytes]
-            with torch.cuda.stream(d2h):
-                piece.gather(buf, same_device=False, non_blocking=True)
-                copied = _cuda.new_event()
-                copied.record(d2h)
-            _cuda.wait_event(copied, deadline)
-            inflight.append((self._post(OpKind.SEND, buf, peer, tag), slot))
         for work, _ in inflight:
             wait_work(work, deadline)
 
     def _recv_lane(
         self,
         peer: int,
-        items: list[tuple[int, Piece]],
+        pieces: list[Piece],
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         _, h2d = self._streams()
         free = list(range(len(slots)))
-        posted: collections.deque[tuple[dist.Work, int | None, Piece]] = collections.deque()
-        upcoming = collections.deque(items)
-
-        def post_more() -> None:
-            while upcoming and (_direct(upcoming[0][1]) is not None or free):
-                tag, piece = upcoming.popleft()
-                direct = _direct(piece)
+        posted: collections.deque[tuple[dist.Work, int | None, int]] = collections.deque()
+        landing: collections.deque[tuple[torch.cuda.Event, int]] = collections.deque()
+        tag = 0  # the next piece to post
+        while tag < len(pieces) or posted:
+            while landing and landing[0][0].query():  # type: ignore[no-untyped-call]
+                free.append(landing.popleft()[1])
+            while tag < len(pieces):
+                direct = _direct(pieces[tag])
                 if direct is not None:
-                    posted.append((self._post(OpKind.RECV, direct, peer, tag), None, piece))
-                    continue
-                slot = free.pop()
-                buf = slots[slot][: piece.nbytes]
-                posted.append((self._post(OpKind.RECV, buf, peer, tag), slot, piece))
-
-        post_more()
-        while posted:
-            work, slot, piece = posted.popleft()
-            wait_work(work, deadline)
-            if slot is not None:
-                with torch.cuda.stream(h2d):
-                    piece.scatter(slots[slot][: piece.nbytes], same_device=False, non_blocking=True)
-                    landed = _cuda.new_event()
-                    landed.record(h2d)
+                    posted.append((self._post(OpKind.RECV, direct, peer, tag), None, tag))
+                elif free:
+                    into = free.pop()
+                    buf = slots[into][: pieces[tag].nbytes]
+                    posted.append((self._post(OpKind.RECV, buf, peer, tag), into, tag))
+                else:
+                    break
+                tag += 1
+            if posted:
+                work, slot, first = posted.popleft()
+                wait_work(work, deadline)
+                if slot is not None:
+                    piece = pieces[first]
+                    buf = slots[slot][: piece.nbytes]
+                    with torch.cuda.stream(h2d):
+                        piece.scatter(buf, same_device=False, non_blocking=True)
+                        landed = _cuda.new_event()
+                        landed.record(h2d)
+                    landing.append((landed, slot))
+            else:  # every slot is still being copied to the device
+                landed, done = landing.popleft()
                 _cuda.wait_event(landed, deadline)
-                free.append(slot)
-            post_more()
+                free.append(done)
+        for landed, _ in landing:
+            _cuda.wait_event(landed, deadline)
 
     def close(self) -> None:
         if self._lanes is not None:
