@@ -126,11 +126,11 @@ async def packing(rank: int, world: int, backend: str, layout: str, options: dic
 
 
 async def gloo_lanes(rank: int, world: int) -> int:
-    """Staged pieces cycle through two slots per lane over three stripes, with CPU tensors
-    (sent in place) in the same streams; returns the pinned memory held."""
+    """Staged pieces cycle through the two slots of each (direction, stripe) lane, with CPU
+    tensors (sent in place) in the same streams; returns the pinned memory held."""
     peer = 1 - rank
     chunk = 64 << 10
-    options = {"stripes": 3, "chunk_bytes": chunk, "staging_bytes": 4 * chunk}
+    options = {"stripes": 3, "chunk_bytes": chunk, "staging_bytes": 12 * chunk}
     async with aeplb.create_communicator("gloo", timeout=120, **options) as comm:
         for batch in range(2):  # the second batch reuses the slots
             specs = [(3000 + 4099 * i, FP8 if i % 3 else torch.float32) for i in range(40)]
@@ -300,7 +300,7 @@ def test_small_chunks_reuse_staging_slots(gpus2: RankPool, backend: str, coalesc
 
 def test_gloo_lanes_cycle_slots_over_stripes(gpus2: RankPool) -> None:
     held = gpus2.run(gloo_lanes, backend="asyncio", pg_backend=PG)
-    assert held == [4 * (64 << 10)] * 2, "two lanes of two slots, within staging_bytes"
+    assert held == [12 * (64 << 10)] * 2, "six lanes of two slots, within staging_bytes"
 
 
 @pytest.mark.parametrize("backend", ["nccl", "pynccl"])

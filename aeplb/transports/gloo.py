@@ -2,11 +2,16 @@
 
 Every tensor travels as pieces of ``chunk_bytes`` (the same cut on every rank, whatever
 the device), matched by a per-peer sequence number used as the Gloo tag. CUDA pieces pass
-through a pinned host pool allocated once: each (peer, direction) lane owns a few slots
-and runs on its own thread, so the device-host copies of some pieces overlap others on the
-wire, and a slow peer can never starve another peer's lane (no cross-peer deadlock). A lane
-posts its pieces over every stripe from that one thread: Gloo moves the bytes on its own
-threads, and each Python thread that wakes takes the GIL from the event loop's thread.
+through a pinned host pool allocated once: each (peer, direction, stripe) lane owns a few
+slots and runs on its own thread, so a piece's device-to-host copy overlaps the previous
+piece on the wire, and a slow peer can never starve another peer's lane (no cross-peer
+deadlock). A thread per stripe, because Gloo writes to the socket on the thread that posts.
+
+The event loop's thread needs the GIL every time it wakes, so nothing here holds it for
+long: pieces are cut as the lanes reach them, not all up front (a few microseconds each,
+but 168 of them for a 672 MiB batch kept the loop waiting a millisecond), and one lane at a
+time issues copies, so the loop competes for the GIL with one thread doing torch work, not
+sixteen.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from functools import partial
 from typing import Protocol, cast
 
 import torch
@@ -28,7 +34,7 @@ from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import OpKind, PreparedBatch
 from ._base import Transport
-from ._streams import Piece, byte_streams
+from ._streams import ByteStream, Piece, byte_streams
 
 
 class Channel(Protocol):
@@ -40,7 +46,7 @@ class Channel(Protocol):
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
-_MAX_SLOTS_PER_STRIPE = 4
+_MAX_SLOTS_PER_LANE = 4
 
 
 def _remaining(deadline: float | None) -> timedelta | None:
@@ -65,26 +71,21 @@ def wait_work(work: dist.Work, deadline: float | None) -> None:
         raise TimeoutError("the deadline passed before the transfer finished")
 
 
-def _reap(
-    inflight: collections.deque[tuple[dist.Work, int | None]],
-    free: list[int],
-    deadline: float | None,
-) -> None:
-    """Frees the slots of the sends at the front of ``inflight`` that have finished."""
-    while inflight and inflight[0][0].is_completed():
-        work, slot = inflight.popleft()
-        wait_work(work, deadline)  # raises the send's error, if it failed
-        if slot is not None:
-            free.append(slot)
-
-
-def _stream_pieces(batch: PreparedBatch, chunk: int) -> dict[tuple[OpKind, int], list[Piece]]:
-    """Cuts each (direction, peer) byte stream into pieces of ``chunk`` bytes.
+class _Cut:
+    """A (direction, peer) byte stream in pieces of ``chunk`` bytes, each made when asked.
 
     The cut depends only on the stream's length, so both peers agree on it whatever the
     tensors' sizes or devices.
     """
-    return {(s.kind, s.peer): s.pieces(chunk) for s in byte_streams(batch)}
+
+    def __init__(self, stream: ByteStream, chunk: int) -> None:
+        self.stream = stream
+        self.chunk = chunk
+        self.count = -(-stream.nbytes // chunk)
+
+    def piece(self, tag: int) -> Piece:
+        start = tag * self.chunk
+        return self.stream.piece(start, min(start + self.chunk, self.stream.nbytes))
 
 
 def _direct(piece: Piece) -> torch.Tensor | None:
@@ -111,10 +112,8 @@ class GlooTransport(Transport):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
         self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
-        lanes = 2 * max(world_size - 1, 1)
-        self._slots_per_lane = min(
-            staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_STRIPE * len(self._groups)
-        )
+        lanes = 2 * max(world_size - 1, 1) * len(self._groups)
+        self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
         if self._slots_per_lane < 1:
             raise InvalidTransferError(
                 f"staging_bytes={staging_bytes} cannot give each of the {lanes} "
@@ -130,6 +129,8 @@ class GlooTransport(Transport):
         self._h2d: torch.cuda.Stream | None = None
         self._user_stream: torch.cuda.Stream | None = None
         self._cuda_lock = threading.Lock()
+        # held by a lane while it cuts a piece and queues its copy (see the module docstring)
+        self._copy_lock = threading.Lock()
 
     # -- caller thread -----------------------------------------------------------------
 
@@ -203,8 +204,10 @@ class GlooTransport(Transport):
     def _run_direct(self, batch: PreparedBatch, deadline: float | None) -> None:
         works: list[dist.Work] = []
         scatters: list[tuple[torch.Tensor, Piece]] = []
-        for (kind, peer), pieces in _stream_pieces(batch, self._chunk).items():
-            for tag, piece in enumerate(pieces):
+        for stream in byte_streams(batch):
+            kind, peer, cut = stream.kind, stream.peer, _Cut(stream, self._chunk)
+            for tag in range(cut.count):
+                piece = cut.piece(tag)  # posting releases the GIL between pieces
                 if piece.view is not None:
                     buf = piece.view
                 else:  # small tensors travel together
@@ -239,7 +242,7 @@ class GlooTransport(Transport):
         assert self._device is not None
         device = self._device
         torch.cuda.set_device(device)
-        lanes = 2 * max(self.world_size - 1, 1)
+        lanes = 2 * max(self.world_size - 1, 1) * len(self._groups)
         # Pinned once, reused by every batch: pageable per-call buffers are what make
         # the reference staged path slow.
         self._pool = torch.empty(
@@ -264,12 +267,17 @@ class GlooTransport(Transport):
 
     def _run_lanes(self, batch: PreparedBatch, deadline: float | None) -> None:
         assert self._lanes is not None
+        k = len(self._groups)
         futures: list[Future[None]] = []
-        for (kind, peer), pieces in _stream_pieces(batch, self._chunk).items():
+        for stream in byte_streams(batch):
+            kind, peer, cut = stream.kind, stream.peer, _Cut(stream, self._chunk)
             other = peer if peer < self.rank else peer - 1
-            lane = 2 * other + (0 if kind is OpKind.SEND else 1)
             work: Callable[..., None] = self._send_lane if kind is OpKind.SEND else self._recv_lane
-            futures.append(self._lanes.submit(work, peer, pieces, self._lane_slots(lane), deadline))
+            for stripe in range(min(k, cut.count)):
+                tags = range(stripe, cut.count, k)  # piece i travels on stripe i % k
+                lane = (2 * other + (0 if kind is OpKind.SEND else 1)) * k + stripe
+                slots = self._lane_slots(lane)
+                futures.append(self._lanes.submit(work, peer, cut, tags, slots, deadline))
         errors: list[BaseException] = []
         for future in futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0
@@ -282,94 +290,81 @@ class GlooTransport(Transport):
         if errors:
             raise errors[0]
 
+    def _queue_copy(self, stream: torch.cuda.Stream, copy: Callable[..., None]) -> torch.cuda.Event:
+        """Queues ``copy(non_blocking=True)`` on ``stream``; returns an event after it."""
+        with self._copy_lock, torch.cuda.stream(stream):
+            copy(non_blocking=True)
+            done = _cuda.new_event()
+            done.record(stream)
+        return done
+
     def _send_lane(
         self,
         peer: int,
-        pieces: list[Piece],
+        cut: _Cut,
+        tags: range,
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         d2h, _ = self._streams()
         free = list(range(len(slots)))
-        copying: collections.deque[tuple[int, int, torch.cuda.Event]] = collections.deque()
         inflight: collections.deque[tuple[dist.Work, int | None]] = collections.deque()
-        tag = 0  # the next piece to start
-        while tag < len(pieces) or copying:
-            _reap(inflight, free, deadline)
-            # every free slot takes the next piece: the copies run back to back on the
-            # copy stream while earlier pieces are on the wire
-            while tag < len(pieces):
-                direct = _direct(pieces[tag])
-                if direct is not None:
-                    inflight.append((self._post(OpKind.SEND, direct, peer, tag), None))
-                elif free:
-                    into = free.pop()
-                    with torch.cuda.stream(d2h):
-                        pieces[tag].gather(
-                            slots[into][: pieces[tag].nbytes], same_device=False, non_blocking=True
-                        )
-                        copied = _cuda.new_event()
-                        copied.record(d2h)
-                    copying.append((tag, into, copied))
-                else:
-                    break
-                tag += 1
-            if copying:
-                first, into, copied = copying.popleft()
-                _cuda.wait_event(copied, deadline)
-                buf = slots[into][: pieces[first].nbytes]
-                inflight.append((self._post(OpKind.SEND, buf, peer, first), into))
-            elif inflight:  # every slot holds a piece on the wire
+        for tag in tags:
+            while not free:
                 work, slot = inflight.popleft()
                 wait_work(work, deadline)
                 if slot is not None:
                     free.append(slot)
+            with self._copy_lock:
+                piece = cut.piece(tag)
+            direct = _direct(piece)
+            if direct is not None:
+                inflight.append((self._post(OpKind.SEND, direct, peer, tag), None))
+                continue
+            slot = free.pop()
+            buf = slots[slot][: piece.nbytes]
+            copied = self._queue_copy(d2h, partial(piece.gather, buf, same_device=False))
+            _cuda.wait_event(copied, deadline)
+            inflight.append((self._post(OpKind.SEND, buf, peer, tag), slot))
         for work, _ in inflight:
             wait_work(work, deadline)
 
     def _recv_lane(
         self,
         peer: int,
-        pieces: list[Piece],
+        cut: _Cut,
+        tags: range,
         slots: list[torch.Tensor],
         deadline: float | None,
     ) -> None:
         _, h2d = self._streams()
         free = list(range(len(slots)))
-        posted: collections.deque[tuple[dist.Work, int | None, int]] = collections.deque()
-        landing: collections.deque[tuple[torch.cuda.Event, int]] = collections.deque()
-        tag = 0  # the next piece to post
-        while tag < len(pieces) or posted:
-            while landing and landing[0][0].query():  # type: ignore[no-untyped-call]
-                free.append(landing.popleft()[1])
-            while tag < len(pieces):
-                direct = _direct(pieces[tag])
+        posted: collections.deque[tuple[dist.Work, int | None, Piece]] = collections.deque()
+        upcoming = collections.deque(tags)
+
+        def post_more() -> None:
+            while upcoming and free:
+                tag = upcoming.popleft()
+                with self._copy_lock:
+                    piece = cut.piece(tag)
+                direct = _direct(piece)
                 if direct is not None:
-                    posted.append((self._post(OpKind.RECV, direct, peer, tag), None, tag))
-                elif free:
-                    into = free.pop()
-                    buf = slots[into][: pieces[tag].nbytes]
-                    posted.append((self._post(OpKind.RECV, buf, peer, tag), into, tag))
-                else:
-                    break
-                tag += 1
-            if posted:
-                work, slot, first = posted.popleft()
-                wait_work(work, deadline)
-                if slot is not None:
-                    piece = pieces[first]
-                    buf = slots[slot][: piece.nbytes]
-                    with torch.cuda.stream(h2d):
-                        piece.scatter(buf, same_device=False, non_blocking=True)
-                        landed = _cuda.new_event()
-                        landed.record(h2d)
-                    landing.append((landed, slot))
-            else:  # every slot is still being copied to the device
-                landed, done = landing.popleft()
+                    posted.append((self._post(OpKind.RECV, direct, peer, tag), None, piece))
+                    continue
+                slot = free.pop()
+                buf = slots[slot][: piece.nbytes]
+                posted.append((self._post(OpKind.RECV, buf, peer, tag), slot, piece))
+
+        post_more()
+        while posted:
+            work, slot, piece = posted.popleft()
+            wait_work(work, deadline)
+            if slot is not None:
+                buf = slots[slot][: piece.nbytes]
+                landed = self._queue_copy(h2d, partial(piece.scatter, buf, same_device=False))
                 _cuda.wait_event(landed, deadline)
-                free.append(done)
-        for landed, _ in landing:
-            _cuda.wait_event(landed, deadline)
+                free.append(slot)
+            post_more()
 
     def close(self) -> None:
         if self._lanes is not None:
