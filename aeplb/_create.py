@@ -51,7 +51,9 @@ def _make_transport(
         from .transports.gloo import GlooTransport, make_stripes
 
         gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
-        stripes = options.pop("stripes", DEFAULT_STRIPES if torch.cuda.is_available() else 1)
+        # pieces to many peers are on the wire at once already: fewer stripes each
+        default = max(DEFAULT_STRIPES // max(world_size - 1, 1), 1)
+        stripes = options.pop("stripes", default if torch.cuda.is_available() else 1)
         if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
             raise InvalidTransferError(f"stripes must be an int >= 1, got {stripes!r}")
         extra = make_stripes(group, rank, world_size, stripes - 1)
@@ -137,9 +139,10 @@ def create_communicator(
             manifests ride with the buffer descriptors, so the check adds no round trip.
             ``coalesce`` (nccl, pynccl, and ipc's NCCL for other nodes; default True):
             send all tensors for one peer as one byte stream in ``chunk_bytes`` pieces
-            (default 256 MiB), packing pieces that span several tensors into a device
-            staging pool of at most ``staging_bytes`` (default 1 GiB), pipelined with the
-            transfer.
+            (default: 256 MiB, less for more than 2 ranks, so that a rank can stage a
+            stream to and from every peer at once in two slots each), packing pieces that
+            span several tensors into a device staging pool of at most ``staging_bytes``
+            (default 1 GiB), pipelined with the transfer.
             ``max_ops_per_group`` (nccl, pynccl with coalesce=False; default 64, None for
             no cap): ops in one NCCL group; larger batches are split so that no rank can
             deadlock.
@@ -150,11 +153,11 @@ def create_communicator(
             ``execute()`` and leaves only the wait to the worker, so no NCCL call comes from
             another thread; needs ``check_peers=False``.
             ``chunk_bytes`` / ``staging_bytes`` (gloo): piece size on the wire (default
-            8 MiB) and the bound on pinned host memory for CUDA tensors (default 256 MiB).
-            ``stripes`` (gloo; default 8 where CUDA is available, else 1): Gloo groups,
-            each with its own connections, that pieces are spread over; the communicator
-            makes the extra ones and closes them with itself. Peers must agree on
-            ``chunk_bytes`` and ``stripes``.
+            8 MiB, less where the lanes need it to each get a slot) and the bound on pinned
+            host memory for CUDA tensors (default 256 MiB).
+            ``stripes`` (gloo; default where CUDA is available 8 // (ranks - 1), at least
+            1, else 1): Gloo groups, each with its own connections, that pieces are spread
+            over; the communicator makes the extra ones and closes them with itself.
 
     Returns:
         A new :class:`Communicator`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -23,9 +24,11 @@ SHAPES = [(1,), (7, 3), (64, 129), (2, 3, 5, 7)]
 # -- rank functions (module level so spawned ranks can import them) --------------------
 
 
-async def exchange_all_pairs(rank: int, world: int, salt: int) -> dict[str, float]:
+async def exchange_all_pairs(
+    rank: int, world: int, salt: int, options: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Every rank sends every dtype x shape to every rank (itself included)."""
-    async with aeplb.create_communicator("gloo", timeout=60) as comm:
+    async with aeplb.create_communicator("gloo", timeout=60, **(options or {})) as comm:
         expected = []
         for peer in range(world):
             for i, (dtype, shape) in enumerate((d, s) for d in DTYPES for s in SHAPES):
@@ -384,6 +387,12 @@ def test_all_pairs_every_dtype_and_shape_4_ranks(world4: RankPool, anyio_backend
 def test_all_pairs_on_uvloop(world2: RankPool) -> None:
     pytest.importorskip("uvloop")
     world2.run(exchange_all_pairs, 3, backend="uvloop")
+
+
+def test_many_stripes_to_many_peers_fit_the_default_staging(world4: RankPool) -> None:
+    # 3 peers x 2 directions x 8 stripes: 48 lanes, too many for 8 MiB pieces in 256 MiB
+    # of pinned staging; the default piece size shrinks so that each lane gets its slot
+    world4.run(exchange_all_pairs, 3, {"stripes": 8}, backend="asyncio")
 
 
 def test_ring_4_ranks(world4: RankPool, anyio_backend: str) -> None:

@@ -190,3 +190,27 @@ def test_many_large_tensors_of_one_dtype_gather_through_views(
         buf = torch.empty(piece.nbytes, dtype=torch.uint8)
         piece.gather(buf, same_device=True)
         assert torch.equal(buf, flat_bytes(sources)[start:stop])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8, 16, 64])
+def test_default_nccl_chunk_stages_every_stream_in_two_slots(world: int) -> None:
+    from aeplb.transports._packing import DEFAULT_STAGING_BYTES, default_chunk_bytes
+
+    chunk = default_chunk_bytes(DEFAULT_STAGING_BYTES, world)
+    lanes = 2 * (world - 1)  # a stream to and from every peer, each needing staging
+    assert DEFAULT_STAGING_BYTES // chunk >= 2 * lanes
+    assert chunk % (1 << 20) == 0
+    assert default_chunk_bytes(DEFAULT_STAGING_BYTES, 2) == 256 << 20  # measured on 2 GPUs
+    assert default_chunk_bytes(1000, world) == 1000  # a tiny pool: one chunk of it all
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8, 16, 64, 256])
+def test_default_gloo_stripes_and_chunk_give_every_lane_a_slot(world: int) -> None:
+    from aeplb._create import DEFAULT_STRIPES
+    from aeplb.transports.gloo import DEFAULT_STAGING_BYTES, default_chunk_bytes
+
+    stripes = max(DEFAULT_STRIPES // (world - 1), 1)  # the default where CUDA is available
+    lanes = 2 * (world - 1) * stripes
+    chunk = default_chunk_bytes(DEFAULT_STAGING_BYTES, lanes)
+    assert DEFAULT_STAGING_BYTES // (lanes * chunk) >= 1
+    assert chunk <= 8 << 20 and chunk % (64 << 10) == 0

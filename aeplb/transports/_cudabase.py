@@ -8,7 +8,7 @@ import torch
 from .. import _cuda
 from .._ops import PreparedBatch, group_chunks
 from ._base import Transport
-from ._packing import DEFAULT_CHUNK_BYTES, DEFAULT_STAGING_BYTES, Packer, WireOp
+from ._packing import DEFAULT_STAGING_BYTES, Packer, WireOp
 
 # Large p2p groups are known to hang on the GPU; SGLang settled on 32 ops per group.
 DEFAULT_MAX_OPS_PER_GROUP = 64
@@ -34,13 +34,13 @@ class CudaTransport(Transport):
         device: torch.device,
         *,
         coalesce: bool = True,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         max_ops_per_group: int | None = DEFAULT_MAX_OPS_PER_GROUP,
     ) -> None:
         super().__init__(rank, world_size)
         self.device = device
-        self._packer = Packer(device, chunk_bytes, staging_bytes) if coalesce else None
+        self._packer = Packer(device, chunk_bytes, staging_bytes, world_size) if coalesce else None
         self._max_ops = max_ops_per_group
         self._user_stream: torch.cuda.Stream | None = None
         self._own_stream: torch.cuda.Stream | None = None

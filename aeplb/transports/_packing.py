@@ -26,8 +26,12 @@ from ._streams import ByteStream, Piece, byte_streams
 
 # From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
 # nears the link rate for messages of hundreds of MB, so pieces are large.
-DEFAULT_CHUNK_BYTES = 256 << 20
+MAX_DEFAULT_CHUNK_BYTES = 256 << 20
 DEFAULT_STAGING_BYTES = 1 << 30
+# staging slots per (peer, direction) that the default chunk size leaves room for, when a
+# rank stages a stream to and from every peer at once: two, so packing overlaps the wire
+_DEFAULT_SLOTS = 2
+_MiB = 1 << 20
 
 # (kind, buffer, peer): the buffer is a flat uint8 view
 WireOp = tuple[OpKind, torch.Tensor, int]
@@ -42,13 +46,26 @@ class _Lane:
     reusable: list[torch.cuda.Event | None] = field(default_factory=list)
 
 
+def default_chunk_bytes(staging_bytes: int, world_size: int) -> int:
+    """The chunk size that lets a rank stage a stream to and from every peer at once.
+
+    Depends only on values every rank shares, as the cut of a stream must.
+    """
+    lanes = 2 * max(world_size - 1, 1) * _DEFAULT_SLOTS
+    per_slot = min(MAX_DEFAULT_CHUNK_BYTES, staging_bytes // lanes) // _MiB * _MiB
+    return max(per_slot, min(_MiB, staging_bytes))
+
+
 class Packer:
     """Runs one batch's network ops as coalesced, pipelined NCCL groups."""
 
-    def __init__(self, device: torch.device, chunk_bytes: int, staging_bytes: int) -> None:
-        for name, value in (("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
+    def __init__(
+        self, device: torch.device, chunk_bytes: int | None, staging_bytes: int, world_size: int
+    ) -> None:
+        _check_positive("staging_bytes", staging_bytes)
+        if chunk_bytes is None:
+            chunk_bytes = default_chunk_bytes(staging_bytes, world_size)
+        _check_positive("chunk_bytes", chunk_bytes)
         if staging_bytes < chunk_bytes:
             raise InvalidTransferError(
                 f"staging_bytes={staging_bytes} must hold at least one chunk of "
@@ -167,3 +184,8 @@ class Packer:
             ]
             lane.reusable = [None] * per_lane
             index += per_lane
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")

@@ -44,9 +44,21 @@ class Channel(Protocol):
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int, /) -> dist.Work: ...
 
 
-DEFAULT_CHUNK_BYTES = 8 << 20
+MAX_DEFAULT_CHUNK_BYTES = 8 << 20
 DEFAULT_STAGING_BYTES = 256 << 20
 _MAX_SLOTS_PER_LANE = 4
+_MIN_DEFAULT_CHUNK_BYTES = 64 << 10
+
+
+def default_chunk_bytes(staging_bytes: int, lanes: int) -> int:
+    """The piece size that gives each of ``lanes`` lanes a staging slot (values every rank
+    shares, as the cut of a stream must)."""
+    per_lane = staging_bytes // lanes // _MIN_DEFAULT_CHUNK_BYTES * _MIN_DEFAULT_CHUNK_BYTES
+    return min(MAX_DEFAULT_CHUNK_BYTES, max(per_lane, _MIN_DEFAULT_CHUNK_BYTES))
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _remaining(deadline: float | None) -> timedelta | None:
@@ -103,16 +115,19 @@ class GlooTransport(Transport):
         world_size: int,
         *,
         device: torch.device | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         stripes: list[Channel] | None = None,
     ) -> None:
         super().__init__(rank, world_size)
-        for name, value in (("chunk_bytes", chunk_bytes), ("staging_bytes", staging_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
         self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
         lanes = 2 * max(world_size - 1, 1) * len(self._groups)
+        if chunk_bytes is None and _positive(staging_bytes):
+            chunk_bytes = default_chunk_bytes(staging_bytes, lanes)
+        for name, value in (("staging_bytes", staging_bytes), ("chunk_bytes", chunk_bytes)):
+            if not _positive(value):
+                raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
+        assert isinstance(chunk_bytes, int)
         self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
         if self._slots_per_lane < 1:
             raise InvalidTransferError(
