@@ -138,11 +138,12 @@ def create_communicator(
             batch, even with nothing queued. On ipc with every rank on one node the
             manifests ride with the buffer descriptors, so the check adds no round trip.
             ``coalesce`` (nccl, pynccl, and ipc's NCCL for other nodes; default True):
-            send all tensors for one peer as one byte stream in ``chunk_bytes`` pieces
-            (default: 256 MiB, less for more than 2 ranks, so that a rank can stage a
-            stream to and from every peer at once in two slots each), packing pieces that
-            span several tensors into a device staging pool of at most ``staging_bytes``
-            (default 1 GiB), pipelined with the transfer.
+            send all tensors for one peer as one byte stream, cut into as few equal pieces
+            of at most ``chunk_bytes`` as it takes (default 512 MiB, or less so that a
+            stream to and from every peer fits: ``staging_bytes`` / (2 x (ranks - 1))),
+            packing pieces that span several tensors into a device staging pool of at most
+            ``staging_bytes`` (default 1 GiB), pipelined with the transfer where the pool
+            holds more than one piece per stream.
             ``max_ops_per_group`` (nccl, pynccl with coalesce=False; default 64, None for
             no cap): ops in one NCCL group; larger batches are split so that no rank can
             deadlock.

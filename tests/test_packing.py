@@ -193,15 +193,30 @@ def test_many_large_tensors_of_one_dtype_gather_through_views(
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8, 16, 64])
-def test_default_nccl_chunk_stages_every_stream_in_two_slots(world: int) -> None:
+def test_default_nccl_chunk_gives_every_stream_a_slot(world: int) -> None:
     from aeplb.transports._packing import DEFAULT_STAGING_BYTES, default_chunk_bytes
 
     chunk = default_chunk_bytes(DEFAULT_STAGING_BYTES, world)
     lanes = 2 * (world - 1)  # a stream to and from every peer, each needing staging
-    assert DEFAULT_STAGING_BYTES // chunk >= 2 * lanes
+    assert DEFAULT_STAGING_BYTES // chunk >= lanes
     assert chunk % (1 << 20) == 0
-    assert default_chunk_bytes(DEFAULT_STAGING_BYTES, 2) == 256 << 20  # measured on 2 GPUs
+    assert default_chunk_bytes(DEFAULT_STAGING_BYTES, 2) == 512 << 20  # measured on 2 GPUs
     assert default_chunk_bytes(1000, world) == 1000  # a tiny pool: one chunk of it all
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 9999, 4096, 1 << 20, 512 << 20])
+@pytest.mark.parametrize("nbytes", [1, 4095, 4096, 10**6, 672 << 20, (2 << 30) + 3])
+def test_streams_are_cut_in_as_few_equal_pieces_as_the_chunk_allows(
+    nbytes: int, chunk: int
+) -> None:
+    from aeplb.transports._packing import piece_bytes
+
+    size = piece_bytes(nbytes, chunk)
+    assert 0 < size <= chunk
+    assert -(-nbytes // size) == -(-nbytes // chunk)  # no more pieces than chunks
+    if size > 4096 and chunk % 4096 == 0:
+        assert size % 4096 == 0
+    assert piece_bytes(672 << 20, 512 << 20) == 336 << 20
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8, 16, 64, 256])

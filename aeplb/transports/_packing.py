@@ -1,15 +1,16 @@
 """Coalesced, pipelined NCCL batches.
 
 All the sends to one peer form one byte stream (the tensors in queue order), and so do the
-receives from one peer. Each stream is cut into chunks of ``chunk_bytes``, the same cut on
-both sides since the peers agree on the stream's length. Chunk k of every stream travels in
-NCCL group k, so group k only waits for ops the peers post in their group k: no deadlock.
+receives from one peer. Each stream is cut into equal chunks of at most ``chunk_bytes``,
+the same cut on both sides since the peers agree on the stream's length. Chunk k of every
+stream travels in NCCL group k, so group k only waits for ops the peers post in their group
+k: no deadlock.
 
 A chunk that lies inside one tensor (or inside tensors that sit back to back in memory)
 goes straight from and into that memory. Any other chunk is packed into a device staging
 slot on a pack stream, and unpacked from one on an unpack stream; CUDA events order the
-three streams, so packing chunk k+1 and unpacking chunk k-1 overlap sending chunk k, and
-the host never waits.
+three streams, so packing chunk k+1 and unpacking chunk k-1 overlap sending chunk k where
+a stream has more than one slot, and the host never waits.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from .._ops import OpKind, PreparedBatch
 from ._streams import ByteStream, Piece, byte_streams
 
 # From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
-# nears the link rate for messages of hundreds of MB, so pieces are large.
-MAX_DEFAULT_CHUNK_BYTES = 256 << 20
+# nears the link rate for messages of hundreds of MB, so pieces are large: fewer groups
+# won over packing beside the wire (EPLB batch: 2 x 336 MiB with one slot per stream beat
+# 3 x 256 MiB with two; a 2 GiB tensor moved at 0.72 x raw NCCL in 256 MiB pieces, 0.82 x
+# in 512 MiB ones).
+MAX_DEFAULT_CHUNK_BYTES = 512 << 20
 DEFAULT_STAGING_BYTES = 1 << 30
-# staging slots per (peer, direction) that the default chunk size leaves room for, when a
-# rank stages a stream to and from every peer at once: two, so packing overlaps the wire
-_DEFAULT_SLOTS = 2
 _MiB = 1 << 20
+_ALIGN = 4096
 
 # (kind, buffer, peer): the buffer is a flat uint8 view
 WireOp = tuple[OpKind, torch.Tensor, int]
@@ -47,13 +49,23 @@ class _Lane:
 
 
 def default_chunk_bytes(staging_bytes: int, world_size: int) -> int:
-    """The chunk size that lets a rank stage a stream to and from every peer at once.
+    """The chunk size that gives a slot to a stream to and from every peer at once.
 
     Depends only on values every rank shares, as the cut of a stream must.
     """
-    lanes = 2 * max(world_size - 1, 1) * _DEFAULT_SLOTS
+    lanes = 2 * max(world_size - 1, 1)
     per_slot = min(MAX_DEFAULT_CHUNK_BYTES, staging_bytes // lanes) // _MiB * _MiB
     return max(per_slot, min(_MiB, staging_bytes))
+
+
+def piece_bytes(nbytes: int, chunk: int) -> int:
+    """The size to cut a stream of ``nbytes`` into: as few pieces as ``chunk`` allows, of
+    equal size (672 MiB in 512 MiB chunks goes as 2 x 336 MiB, not 512 + 160), aligned
+    where that still fits the chunk."""
+    count = -(-nbytes // chunk)
+    size = -(-nbytes // count)
+    aligned = -(-size // _ALIGN) * _ALIGN
+    return aligned if aligned <= chunk else size
 
 
 class Packer:
@@ -89,7 +101,7 @@ class Packer:
         stream: torch.cuda.Stream,
         post_group: Callable[[list[WireOp]], None],
     ) -> None:
-        lanes = [_Lane(s, s.pieces(self.chunk)) for s in byte_streams(batch)]
+        lanes = [_Lane(s, s.pieces(piece_bytes(s.nbytes, self.chunk))) for s in byte_streams(batch)]
         if not lanes:
             return
         staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
