@@ -66,8 +66,9 @@ def check_stream(stream: object, device: torch.device) -> torch.cuda.Stream | No
     return stream
 
 
-def new_event() -> torch.cuda.Event:
-    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+def new_event(*, blocking: bool = False) -> torch.cuda.Event:
+    """``blocking``: a host wait sleeps in the driver instead of spinning."""
+    return torch.cuda.Event(blocking=blocking)  # type: ignore[no-untyped-call]
 
 
 def new_stream(device: torch.device) -> torch.cuda.Stream:

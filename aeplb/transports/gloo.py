@@ -100,6 +100,34 @@ class _Cut:
         return self.stream.piece(start, min(start + self.chunk, self.stream.nbytes))
 
 
+class _CopyWaits:
+    """How a lane waits for its staging copies.
+
+    Polling takes the GIL at every look, which with a dozen lanes keeps it from the event
+    loop's thread; a blocking-sync event lets the waiting thread sleep in the driver and
+    take the GIL once. But only copies that wait on nothing but other copies may be waited
+    for that way, without a deadline: so the lane polls until the caller's work that the
+    copies follow is done, and never once the caller's own stream carries them.
+    """
+
+    def __init__(
+        self, ready: torch.cuda.Event | None, own_streams: bool, deadline: float | None
+    ) -> None:
+        self._ready = ready
+        self._sleep = own_streams and ready is None
+        self._own_streams = own_streams
+        self._deadline = deadline
+
+    def wait(self, copied: torch.cuda.Event) -> None:
+        if not self._sleep and self._own_streams:
+            assert self._ready is not None
+            self._sleep = bool(self._ready.query())  # type: ignore[no-untyped-call]
+        if self._sleep:
+            copied.synchronize()
+        else:
+            _cuda.wait_event(copied, self._deadline)
+
+
 def _direct(piece: Piece) -> torch.Tensor | None:
     """The piece's one host view, which Gloo sends or receives in place; else None."""
     return piece.view if piece.view is not None and not piece.view.is_cuda else None
@@ -212,7 +240,7 @@ class GlooTransport(Transport):
                     dst.view(-1).copy_(src.view(-1), non_blocking=True)
                 copies_done = _cuda.new_event()
                 copies_done.record(h2d)
-        self._run_lanes(batch, deadline)
+        self._run_lanes(batch, ready if isinstance(ready, torch.cuda.Event) else None, deadline)
         if copies_done is not None:
             _cuda.wait_event(copies_done, deadline)
 
@@ -280,7 +308,9 @@ class GlooTransport(Transport):
             for i in range(self._slots_per_lane)
         ]
 
-    def _run_lanes(self, batch: PreparedBatch, deadline: float | None) -> None:
+    def _run_lanes(
+        self, batch: PreparedBatch, ready: torch.cuda.Event | None, deadline: float | None
+    ) -> None:
         assert self._lanes is not None
         k = len(self._groups)
         futures: list[Future[None]] = []
@@ -292,7 +322,8 @@ class GlooTransport(Transport):
                 tags = range(stripe, cut.count, k)  # piece i travels on stripe i % k
                 lane = (2 * other + (0 if kind is OpKind.SEND else 1)) * k + stripe
                 slots = self._lane_slots(lane)
-                futures.append(self._lanes.submit(work, peer, cut, tags, slots, deadline))
+                waits = _CopyWaits(ready, self._user_stream is None, deadline)
+                futures.append(self._lanes.submit(work, peer, cut, tags, slots, waits, deadline))
         errors: list[BaseException] = []
         for future in futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0
@@ -309,7 +340,7 @@ class GlooTransport(Transport):
         """Queues ``copy(non_blocking=True)`` on ``stream``; returns an event after it."""
         with self._copy_lock, torch.cuda.stream(stream):
             copy(non_blocking=True)
-            done = _cuda.new_event()
+            done = _cuda.new_event(blocking=True)
             done.record(stream)
         return done
 
@@ -319,6 +350,7 @@ class GlooTransport(Transport):
         cut: _Cut,
         tags: range,
         slots: list[torch.Tensor],
+        waits: _CopyWaits,
         deadline: float | None,
     ) -> None:
         d2h, _ = self._streams()
@@ -339,7 +371,7 @@ class GlooTransport(Transport):
             slot = free.pop()
             buf = slots[slot][: piece.nbytes]
             copied = self._queue_copy(d2h, partial(piece.gather, buf, same_device=False))
-            _cuda.wait_event(copied, deadline)
+            waits.wait(copied)
             inflight.append((self._post(OpKind.SEND, buf, peer, tag), slot))
         for work, _ in inflight:
             wait_work(work, deadline)
@@ -350,6 +382,7 @@ class GlooTransport(Transport):
         cut: _Cut,
         tags: range,
         slots: list[torch.Tensor],
+        waits: _CopyWaits,
         deadline: float | None,
     ) -> None:
         _, h2d = self._streams()
@@ -377,7 +410,7 @@ class GlooTransport(Transport):
             if slot is not None:
                 buf = slots[slot][: piece.nbytes]
                 landed = self._queue_copy(h2d, partial(piece.scatter, buf, same_device=False))
-                _cuda.wait_event(landed, deadline)
+                waits.wait(landed)
                 free.append(slot)
             post_more()
 
