@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aeplb.bench._spawn import run_ranks
+from aeplb.bench._spawn import Meeting, run_ranks
 from aeplb.bench._workloads import DSV3_EXPERT
 
 Result = dict[str, Any]
@@ -171,7 +171,7 @@ def copy_engines(args: argparse.Namespace) -> list[Result]:
 # -- NCCL, two processes ------------------------------------------------------------------
 
 
-def _nccl_rank(rank: int, world: int, port: int, args: Any, out: Any) -> None:
+def _nccl_rank(rank: int, world: int, meeting: Meeting, args: Any, out: Any) -> None:
     env, opts = args
     os.environ.update(env)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -179,7 +179,7 @@ def _nccl_rank(rank: int, world: int, port: int, args: Any, out: Any) -> None:
     device = torch.device("cuda", rank)
     dist.init_process_group(
         "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=meeting.store(rank, world, timedelta(seconds=120)),
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=120),

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import init_rank, run_ranks
+from aeplb.bench._spawn import Meeting, init_rank, run_ranks
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -42,8 +42,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(seconds=120))
+def _rank(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
+    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(seconds=120))
     report = asyncio.run(_profile(rank, args))
     dist.destroy_process_group()
     if rank == 0:

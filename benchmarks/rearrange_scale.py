@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import aeplb
-from aeplb.bench._spawn import init_rank, ranks_wanted, run_ranks
+from aeplb.bench._spawn import Meeting, init_rank, ranks_wanted, run_ranks
 
 Result = dict[str, Any]
 
@@ -344,11 +344,11 @@ async def rank_main(rank: int, world: int, args: argparse.Namespace) -> Result:
     }
 
 
-def entry(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+def entry(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
     if args.cpu:
         # Every rank shares the machine's cores: one intra-op thread each.
         torch.set_num_threads(1)
-    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(seconds=args.timeout + 60))
+    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(seconds=args.timeout + 60))
     result = anyio.run(rank_main, rank, world, args, backend=args.loop)
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(result, gathered if rank == 0 else None, dst=0)

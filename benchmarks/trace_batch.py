@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import init_rank, run_ranks
+from aeplb.bench._spawn import Meeting, init_rank, run_ranks
 from aeplb.bench._workloads import eplb
 
 
@@ -48,8 +48,8 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    init_rank(rank, world, port, cpu=False, timeout=timedelta(seconds=120))
+def _rank(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
+    init_rank(rank, world, meeting, cpu=False, timeout=timedelta(seconds=120))
     prof, ok = asyncio.run(_batch(rank, args))
     dist.destroy_process_group()
     if rank != 0:

@@ -17,7 +17,7 @@ import aeplb
 
 from . import _workloads as wl
 from ._rank import Bench, Row
-from ._spawn import init_rank
+from ._spawn import Meeting, init_rank
 
 GPU_BACKENDS = "ipc,nccl,pynccl,gloo"
 CPU_BACKENDS = "gloo"
@@ -115,8 +115,8 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
     return rows
 
 
-def entry(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    init_rank(rank, world, port, cpu=args.cpu, timeout=timedelta(minutes=5))
+def entry(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
+    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(minutes=5))
     rows = anyio.run(_rank_main, rank, world, args)
     gathered: list[Any] = [None] * world if rank == 0 else []
     group = dist.new_group(backend="gloo")

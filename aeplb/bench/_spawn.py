@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._C._distributed_c10d import TCPStore
 
 
 def ranks_wanted(cpu: bool, ranks: int) -> int | None:
@@ -23,7 +24,23 @@ def ranks_wanted(cpu: bool, ranks: int) -> int | None:
     return ranks or (2 if cpu else torch.cuda.device_count())
 
 
-def init_rank(rank: int, world: int, port: int, *, cpu: bool, timeout: timedelta) -> None:
+@dataclass(frozen=True)
+class Meeting:
+    """Where a spawned rank finds the others: rank 0's store, on a port the OS picks as
+    the store binds it (a port picked beforehand can be taken by another socket first)."""
+
+    port: int = 0
+    report: Any = None  # rank 0's: a queue to tell the parent the port
+
+    def store(self, rank: int, world: int, timeout: timedelta) -> TCPStore:
+        if rank != 0:
+            return TCPStore("127.0.0.1", self.port, world, False, timeout)
+        store = TCPStore("127.0.0.1", 0, world, True, timeout, wait_for_workers=False)
+        self.report.put(store.port)
+        return store
+
+
+def init_rank(rank: int, world: int, meeting: Meeting, *, cpu: bool, timeout: timedelta) -> None:
     """Joins the default group from a spawned rank: Gloo on CPU, Gloo and NCCL on GPUs."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if cpu:
@@ -34,7 +51,7 @@ def init_rank(rank: int, world: int, port: int, *, cpu: bool, timeout: timedelta
         torch.cuda.set_device(rank)
     dist.init_process_group(
         "gloo" if cpu else "cpu:gloo,cuda:nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
+        store=meeting.store(rank, world, timeout),
         rank=rank,
         world_size=world,
         timeout=timeout,
@@ -42,29 +59,37 @@ def init_rank(rank: int, world: int, port: int, *, cpu: bool, timeout: timedelta
 
 
 def run_ranks(entry: Callable[..., None], world: int, args: Any) -> Any | None:
-    """Runs ``entry(rank, world, port, args, out)`` on ``world`` spawned ranks.
+    """Runs ``entry(rank, world, meeting, args, out)`` on ``world`` spawned ranks.
 
     Returns what rank 0 put on ``out``, or None once any rank exits with an error (the other
     ranks are killed then, so a failed rank never leaves the caller waiting).
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=entry, args=(r, world, port, args, out)) for r in range(world)]
+    out, ports = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=entry, args=(0, world, Meeting(report=ports), args, out))]
+    procs[0].start()
+    port = _next(ports, procs)  # rank 0 first: the others learn the port its store got
+    if port is None:
+        return None
+    for r in range(1, world):
+        procs.append(ctx.Process(target=entry, args=(r, world, Meeting(port), args, out)))
+        procs[-1].start()
+    result = _next(out, procs)
+    if result is None:
+        return None
     for p in procs:
-        p.start()
+        p.join()
+    return result
+
+
+def _next(q: Any, procs: list[Any]) -> Any | None:
+    """The next item on ``q``; None (and every rank killed) once a rank has failed."""
     while True:
         try:
-            result = out.get(timeout=1.0)
-            break
+            return q.get(timeout=1.0)
         except queue.Empty:
             if any(p.exitcode not in (None, 0) for p in procs):
                 for p in procs:
                     p.kill()
                 print("a rank failed; see its traceback above", file=sys.stderr)
                 return None
-    for p in procs:
-        p.join()
-    return result
