@@ -68,6 +68,15 @@ class CudaTransport(Transport):
             torch.cuda.set_device(self.device)
             self._thread_ready.done = True
 
+    def prepare(self, batch: PreparedBatch, ready: object | None) -> None:
+        if self._packer is None:
+            return
+        self.enter_thread()
+        stream = self.stream()
+        with torch.cuda.stream(stream):
+            self.wait_ready(ready, stream)
+            self._packer.prepare(batch, stream)
+
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
         self.enter_thread()
         self.wait(self.enqueue(batch, ready), deadline)

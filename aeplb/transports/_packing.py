@@ -46,6 +46,8 @@ class _Lane:
     slots: list[torch.Tensor] = field(default_factory=list)
     # events marking when each slot may be reused (None: free)
     reusable: list[torch.cuda.Event | None] = field(default_factory=list)
+    packed: int = -1  # the last chunk packed (sends)
+    packed_event: torch.cuda.Event | None = None  # when that chunk's packing is done
 
 
 def default_chunk_bytes(staging_bytes: int, world_size: int) -> int:
@@ -89,21 +91,18 @@ class Packer:
         self._pool: torch.Tensor | None = None
         self._pack: torch.cuda.Stream | None = None
         self._unpack: torch.cuda.Stream | None = None
+        self._prepared: tuple[PreparedBatch, list[_Lane], list[_Lane]] | None = None
 
     @property
     def staging_bytes(self) -> int:
         """Device memory held for staging (0 until a batch needed it)."""
         return 0 if self._pool is None else self._pool.numel()
 
-    def run(
-        self,
-        batch: PreparedBatch,
-        stream: torch.cuda.Stream,
-        post_group: Callable[[list[WireOp]], None],
-    ) -> None:
+    def prepare(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
+        """Cuts the batch and starts packing its first chunks, which involves no peer: the
+        GPU packs while the host waits for the peers' manifests."""
+        self._prepared = None
         lanes = [_Lane(s, s.pieces(piece_bytes(s.nbytes, self.chunk))) for s in byte_streams(batch)]
-        if not lanes:
-            return
         staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
         if staged:
             self._give_slots(staged)
@@ -112,6 +111,24 @@ class Packer:
             begin = _cuda.new_event()
             begin.record(stream)
             self._pack.wait_event(begin)
+            for lane in staged:
+                if lane.stream.kind is OpKind.SEND:
+                    self._pack_chunk(lane, 0)
+        self._prepared = (batch, lanes, staged)
+
+    def run(
+        self,
+        batch: PreparedBatch,
+        stream: torch.cuda.Stream,
+        post_group: Callable[[list[WireOp]], None],
+    ) -> None:
+        if self._prepared is None or self._prepared[0] is not batch:
+            self.prepare(batch, stream)
+        assert self._prepared is not None
+        _, lanes, staged = self._prepared
+        self._prepared = None
+        if not lanes:
+            return
         chunks = max(len(lane.pieces) for lane in lanes)
         unpacked: list[torch.cuda.Event] = []
         for k in range(chunks):
@@ -127,7 +144,9 @@ class Packer:
                 slot_index = k % len(lane.slots)
                 buf = lane.slots[slot_index][: piece.nbytes]
                 if kind is OpKind.SEND:
-                    self._pack_into(lane, slot_index, buf, piece, stream)
+                    self._pack_chunk(lane, k)
+                    assert lane.packed_event is not None
+                    stream.wait_event(lane.packed_event)
                 else:
                     # the slot's previous chunk must be unpacked before NCCL overwrites it
                     reuse = lane.reusable[slot_index]
@@ -141,6 +160,11 @@ class Packer:
             for lane in lanes:
                 if lane.slots and lane.stream.kind is OpKind.SEND and k < len(lane.pieces):
                     lane.reusable[k % len(lane.slots)] = sent
+            for lane in staged:
+                # The next chunk is packed before this group's unpacks are issued, which
+                # take the host a while: the GPU can start it as soon as its slot is free.
+                if lane.stream.kind is OpKind.SEND and k + 1 < len(lane.pieces):
+                    self._pack_chunk(lane, k + 1)
             for lane, buf, piece, slot_index in pending_unpacks:
                 assert self._unpack is not None
                 self._unpack.wait_event(sent)
@@ -153,23 +177,23 @@ class Packer:
         if unpacked:  # one unpack stream: its last event covers every unpack
             stream.wait_event(unpacked[-1])
 
-    def _pack_into(
-        self,
-        lane: _Lane,
-        slot_index: int,
-        buf: torch.Tensor,
-        piece: Piece,
-        stream: torch.cuda.Stream,
-    ) -> None:
+    def _pack_chunk(self, lane: _Lane, k: int) -> None:
+        """Packs chunk ``k`` of a send lane into its slot on the pack stream, unless it is a
+        view or packed already; ``lane.packed_event`` marks the end."""
+        piece = lane.pieces[k]
+        if piece.view is not None or lane.packed >= k:
+            return
         assert self._pack is not None
+        slot_index = k % len(lane.slots)
         reuse = lane.reusable[slot_index]
         if reuse is not None:
             self._pack.wait_event(reuse)
+        buf = lane.slots[slot_index][: piece.nbytes]
         with torch.cuda.stream(self._pack):
             piece.gather(buf, same_device=True, non_blocking=True)
-            packed = _cuda.new_event()
-            packed.record(self._pack)
-        stream.wait_event(packed)
+            lane.packed_event = _cuda.new_event()
+            lane.packed_event.record(self._pack)
+        lane.packed = k
 
     def _give_slots(self, staged: list[_Lane]) -> None:
         total_slots = self.staging_limit // self.chunk
