@@ -98,19 +98,22 @@ class Packer:
         """Device memory held for staging (0 until a batch needed it)."""
         return 0 if self._pool is None else self._pool.numel()
 
-    def prepare(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
-        """Cuts the batch and starts packing its first chunks, which involves no peer: the
-        GPU packs while the host waits for the peers' manifests."""
+    def prepare(
+        self, batch: PreparedBatch, stream: torch.cuda.Stream, after: torch.cuda.Event | None
+    ) -> None:
+        """Cuts the batch and starts packing its first chunks after ``after`` (the caller's
+        work; None: what ``stream`` has queued), on the pack stream: no peer is involved, so
+        this can run while the peers' manifests are on their way."""
         self._prepared = None
         lanes = [_Lane(s, s.pieces(piece_bytes(s.nbytes, self.chunk))) for s in byte_streams(batch)]
         staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
         if staged:
             self._give_slots(staged)
             assert self._pack is not None
-            # packing starts after the caller's work, which the comm stream already waited for
-            begin = _cuda.new_event()
-            begin.record(stream)
-            self._pack.wait_event(begin)
+            if after is None:
+                after = _cuda.new_event()
+                after.record(stream)
+            self._pack.wait_event(after)
             for lane in staged:
                 if lane.stream.kind is OpKind.SEND:
                     self._pack_chunk(lane, 0)
@@ -123,7 +126,7 @@ class Packer:
         post_group: Callable[[list[WireOp]], None],
     ) -> None:
         if self._prepared is None or self._prepared[0] is not batch:
-            self.prepare(batch, stream)
+            self.prepare(batch, stream, None)  # the comm stream waited for the caller
         assert self._prepared is not None
         _, lanes, staged = self._prepared
         self._prepared = None
