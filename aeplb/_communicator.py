@@ -385,8 +385,6 @@ class Communicator:
         def work() -> None:
             nonlocal check_seconds
             run = batch
-            # packing can start on the GPU while the host waits for the peers' manifests
-            self._transport.prepare(batch, ready)
             if self._check_peers:
                 local = _manifest.build(batch.table, self.world_size, status)
                 if self._transport.checks_in_band:

@@ -35,9 +35,6 @@ class Transport(abc.ABC):
     def set_stream(self, stream: object | None) -> None:  # noqa: B027 - optional hook
         """Uses ``stream`` for the transfer (CUDA transports)."""
 
-    def prepare(self, batch: PreparedBatch, ready: object | None) -> None:  # noqa: B027
-        """Starts the batch's local work, before the manifests are checked (optional)."""
-
     @abc.abstractmethod
     def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
         """Gathers a small CPU int64 tensor from every rank: [world, *local.shape]."""

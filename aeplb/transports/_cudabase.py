@@ -45,7 +45,6 @@ class CudaTransport(Transport):
         self._user_stream: torch.cuda.Stream | None = None
         self._own_stream: torch.cuda.Stream | None = None
         self._thread_ready = threading.local()
-        self._deferred: tuple[PreparedBatch, object | None] | None = None
 
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         _cuda.check_cuda_tensor(tensor, self.device, verb, self.name)
@@ -68,18 +67,6 @@ class CudaTransport(Transport):
         if not getattr(self._thread_ready, "done", False):
             torch.cuda.set_device(self.device)
             self._thread_ready.done = True
-
-    def prepare(self, batch: PreparedBatch, ready: object | None) -> None:
-        # started in all_gather(), once the manifests are on their way, or else by launch()
-        self._deferred = (batch, ready) if self._packer is not None else None
-
-    def _start_packing(self, stream: torch.cuda.Stream) -> None:
-        if self._deferred is None or self._packer is None:
-            return
-        batch, ready = self._deferred
-        self._deferred = None
-        after = ready if isinstance(ready, torch.cuda.Event) else None
-        self._packer.prepare(batch, stream, after)
 
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
         self.enter_thread()
@@ -127,7 +114,6 @@ class CudaTransport(Transport):
     def launch(self, batch: PreparedBatch, stream: torch.cuda.Stream) -> None:
         """Enqueues the network ops on ``stream`` (the current stream)."""
         if self._packer is not None:
-            self._start_packing(stream)
             self._packer.run(batch, stream, self.post_group)
             return
         for chunk in group_chunks(batch.ops, self.world_size, self._max_ops):
@@ -145,7 +131,6 @@ class CudaTransport(Transport):
             host = out.to("cpu", non_blocking=True)
             done = _cuda.new_event()
             done.record(stream)
-            self._start_packing(stream)  # the GPU packs while the manifests travel
         self.wait(done, deadline)
         return host
 

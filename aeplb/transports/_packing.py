@@ -46,8 +46,6 @@ class _Lane:
     slots: list[torch.Tensor] = field(default_factory=list)
     # events marking when each slot may be reused (None: free)
     reusable: list[torch.cuda.Event | None] = field(default_factory=list)
-    packed: int = -1  # the last chunk packed (sends)
-    packed_event: torch.cuda.Event | None = None  # when that chunk's packing is done
 
 
 def default_chunk_bytes(staging_bytes: int, world_size: int) -> int:
@@ -91,33 +89,11 @@ class Packer:
         self._pool: torch.Tensor | None = None
         self._pack: torch.cuda.Stream | None = None
         self._unpack: torch.cuda.Stream | None = None
-        self._prepared: tuple[PreparedBatch, list[_Lane], list[_Lane]] | None = None
 
     @property
     def staging_bytes(self) -> int:
         """Device memory held for staging (0 until a batch needed it)."""
         return 0 if self._pool is None else self._pool.numel()
-
-    def prepare(
-        self, batch: PreparedBatch, stream: torch.cuda.Stream, after: torch.cuda.Event | None
-    ) -> None:
-        """Cuts the batch and starts packing its first chunks after ``after`` (the caller's
-        work; None: what ``stream`` has queued), on the pack stream: no peer is involved, so
-        this can run while the peers' manifests are on their way."""
-        self._prepared = None
-        lanes = [_Lane(s, s.pieces(piece_bytes(s.nbytes, self.chunk))) for s in byte_streams(batch)]
-        staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
-        if staged:
-            self._give_slots(staged)
-            assert self._pack is not None
-            if after is None:
-                after = _cuda.new_event()
-                after.record(stream)
-            self._pack.wait_event(after)
-            for lane in staged:
-                if lane.stream.kind is OpKind.SEND:
-                    self._pack_chunk(lane, 0)
-        self._prepared = (batch, lanes, staged)
 
     def run(
         self,
@@ -125,13 +101,17 @@ class Packer:
         stream: torch.cuda.Stream,
         post_group: Callable[[list[WireOp]], None],
     ) -> None:
-        if self._prepared is None or self._prepared[0] is not batch:
-            self.prepare(batch, stream, None)  # the comm stream waited for the caller
-        assert self._prepared is not None
-        _, lanes, staged = self._prepared
-        self._prepared = None
+        lanes = [_Lane(s, s.pieces(piece_bytes(s.nbytes, self.chunk))) for s in byte_streams(batch)]
         if not lanes:
             return
+        staged = [lane for lane in lanes if any(p.view is None for p in lane.pieces)]
+        if staged:
+            self._give_slots(staged)
+            assert self._pack is not None
+            # packing starts after the caller's work, which the comm stream already waited for
+            begin = _cuda.new_event()
+            begin.record(stream)
+            self._pack.wait_event(begin)
         chunks = max(len(lane.pieces) for lane in lanes)
         unpacked: list[torch.cuda.Event] = []
         for k in range(chunks):
@@ -147,9 +127,7 @@ class Packer:
                 slot_index = k % len(lane.slots)
                 buf = lane.slots[slot_index][: piece.nbytes]
                 if kind is OpKind.SEND:
-                    self._pack_chunk(lane, k)
-                    assert lane.packed_event is not None
-                    stream.wait_event(lane.packed_event)
+                    self._pack_into(lane, slot_index, buf, piece, stream)
                 else:
                     # the slot's previous chunk must be unpacked before NCCL overwrites it
                     reuse = lane.reusable[slot_index]
@@ -163,11 +141,6 @@ class Packer:
             for lane in lanes:
                 if lane.slots and lane.stream.kind is OpKind.SEND and k < len(lane.pieces):
                     lane.reusable[k % len(lane.slots)] = sent
-            for lane in staged:
-                # The next chunk is packed before this group's unpacks are issued, which
-                # take the host a while: the GPU can start it as soon as its slot is free.
-                if lane.stream.kind is OpKind.SEND and k + 1 < len(lane.pieces):
-                    self._pack_chunk(lane, k + 1)
             for lane, buf, piece, slot_index in pending_unpacks:
                 assert self._unpack is not None
                 self._unpack.wait_event(sent)
@@ -180,23 +153,23 @@ class Packer:
         if unpacked:  # one unpack stream: its last event covers every unpack
             stream.wait_event(unpacked[-1])
 
-    def _pack_chunk(self, lane: _Lane, k: int) -> None:
-        """Packs chunk ``k`` of a send lane into its slot on the pack stream, unless it is a
-        view or packed already; ``lane.packed_event`` marks the end."""
-        piece = lane.pieces[k]
-        if piece.view is not None or lane.packed >= k:
-            return
+    def _pack_into(
+        self,
+        lane: _Lane,
+        slot_index: int,
+        buf: torch.Tensor,
+        piece: Piece,
+        stream: torch.cuda.Stream,
+    ) -> None:
         assert self._pack is not None
-        slot_index = k % len(lane.slots)
         reuse = lane.reusable[slot_index]
         if reuse is not None:
             self._pack.wait_event(reuse)
-        buf = lane.slots[slot_index][: piece.nbytes]
         with torch.cuda.stream(self._pack):
             piece.gather(buf, same_device=True, non_blocking=True)
-            lane.packed_event = _cuda.new_event()
-            lane.packed_event.record(self._pack)
-        lane.packed = k
+            packed = _cuda.new_event()
+            packed.record(self._pack)
+        stream.wait_event(packed)
 
     def _give_slots(self, staged: list[_Lane]) -> None:
         total_slots = self.staging_limit // self.chunk
