@@ -16,6 +16,14 @@ DEFAULT_STRIPES = 8
 NON_MEMBER = dist.GroupMember.NON_GROUP_MEMBER
 
 
+def default_stripes(world_size: int) -> int:
+    """Gloo stripes where none are asked for: only CUDA tensors need them (staging), and
+    pieces to many peers are on the wire at once already, so fewer stripes each."""
+    if not torch.cuda.is_available():
+        return 1
+    return max(DEFAULT_STRIPES // max(world_size - 1, 1), 1)
+
+
 def _group_backends(group: dist.ProcessGroup) -> str:
     try:
         return str(dist.get_backend(group)).lower()
@@ -51,9 +59,7 @@ def _make_transport(
         from .transports.gloo import GlooTransport, make_stripes
 
         gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
-        # pieces to many peers are on the wire at once already: fewer stripes each
-        default = max(DEFAULT_STRIPES // max(world_size - 1, 1), 1)
-        stripes = options.pop("stripes", default if torch.cuda.is_available() else 1)
+        stripes = options.pop("stripes", default_stripes(world_size))
         if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
             raise InvalidTransferError(f"stripes must be an int >= 1, got {stripes!r}")
         extra = make_stripes(group, rank, world_size, stripes - 1)

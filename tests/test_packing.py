@@ -220,11 +220,17 @@ def test_streams_are_cut_in_as_few_equal_pieces_as_the_chunk_allows(
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8, 16, 64, 256])
-def test_default_gloo_stripes_and_chunk_give_every_lane_a_slot(world: int) -> None:
-    from aeplb._create import DEFAULT_STRIPES
+def test_default_gloo_stripes_and_chunk_give_every_lane_a_slot(
+    world: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aeplb._create import default_stripes
     from aeplb.transports.gloo import DEFAULT_STAGING_BYTES, default_chunk_bytes
 
-    stripes = max(DEFAULT_STRIPES // (world - 1), 1)  # the default where CUDA is available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_stripes(world) == 1  # CPU tensors need no staging, nor stripes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    stripes = default_stripes(world)
+    assert stripes == {2: 8, 3: 4, 4: 2}.get(world, 1)
     lanes = 2 * (world - 1) * stripes
     chunk = default_chunk_bytes(DEFAULT_STAGING_BYTES, lanes)
     assert DEFAULT_STAGING_BYTES // (lanes * chunk) >= 1
