@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from ._communicator import Communicator, _check_bool, _check_timeout
 from ._exceptions import BackendUnavailableError, InvalidTransferError
-from .transports._base import Transport
+from .transports._base import Transport, check_positive
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo", "ipc")
 # Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
@@ -60,8 +60,7 @@ def _make_transport(
 
         gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
         stripes = options.pop("stripes", default_stripes(world_size))
-        if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
-            raise InvalidTransferError(f"stripes must be an int >= 1, got {stripes!r}")
+        check_positive("stripes", stripes)
         extra = make_stripes(group, rank, world_size, stripes - 1)
         return GlooTransport(group, rank, world_size, device=device, stripes=extra, **gloo_options)
     if not torch.cuda.is_available():

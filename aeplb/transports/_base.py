@@ -4,7 +4,14 @@ import abc
 
 import torch
 
+from .._exceptions import InvalidTransferError
 from .._ops import PreparedBatch
+
+
+def check_positive(name: str, value: object) -> None:
+    """Raises InvalidTransferError unless the option ``name`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
 
 
 class Transport(abc.ABC):

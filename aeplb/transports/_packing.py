@@ -23,6 +23,7 @@ import torch
 from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import OpKind, PreparedBatch
+from ._base import check_positive
 from ._streams import ByteStream, Piece, byte_streams
 
 # From the 2x H200 runs (benchmarks/results): NCCL p2p pays ~0.15 ms per group and only
@@ -74,10 +75,10 @@ class Packer:
     def __init__(
         self, device: torch.device, chunk_bytes: int | None, staging_bytes: int, world_size: int
     ) -> None:
-        _check_positive("staging_bytes", staging_bytes)
+        check_positive("staging_bytes", staging_bytes)
         if chunk_bytes is None:
             chunk_bytes = default_chunk_bytes(staging_bytes, world_size)
-        _check_positive("chunk_bytes", chunk_bytes)
+        check_positive("chunk_bytes", chunk_bytes)
         if staging_bytes < chunk_bytes:
             raise InvalidTransferError(
                 f"staging_bytes={staging_bytes} must hold at least one chunk of "
@@ -196,8 +197,3 @@ class Packer:
             ]
             lane.reusable = [None] * per_lane
             index += per_lane
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")

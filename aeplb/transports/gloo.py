@@ -33,7 +33,7 @@ from torch._C._distributed_c10d import PrefixStore
 from .. import _cuda
 from .._exceptions import InvalidTransferError
 from .._ops import OpKind, PreparedBatch
-from ._base import Transport
+from ._base import Transport, check_positive
 from ._streams import ByteStream, Piece, byte_streams
 
 
@@ -55,10 +55,6 @@ def default_chunk_bytes(staging_bytes: int, lanes: int) -> int:
     shares, as the cut of a stream must)."""
     per_lane = staging_bytes // lanes // _MIN_DEFAULT_CHUNK_BYTES * _MIN_DEFAULT_CHUNK_BYTES
     return min(MAX_DEFAULT_CHUNK_BYTES, max(per_lane, _MIN_DEFAULT_CHUNK_BYTES))
-
-
-def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _remaining(deadline: float | None) -> timedelta | None:
@@ -149,13 +145,11 @@ class GlooTransport(Transport):
     ) -> None:
         super().__init__(rank, world_size)
         self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
-        lanes = 2 * max(world_size - 1, 1) * len(self._groups)
-        if chunk_bytes is None and _positive(staging_bytes):
+        lanes = self._lane_count = 2 * max(world_size - 1, 1) * len(self._groups)
+        check_positive("staging_bytes", staging_bytes)
+        if chunk_bytes is None:
             chunk_bytes = default_chunk_bytes(staging_bytes, lanes)
-        for name, value in (("staging_bytes", staging_bytes), ("chunk_bytes", chunk_bytes)):
-            if not _positive(value):
-                raise InvalidTransferError(f"{name} must be a positive int, got {value!r}")
-        assert isinstance(chunk_bytes, int)
+        check_positive("chunk_bytes", chunk_bytes)
         self._slots_per_lane = min(staging_bytes // (lanes * chunk_bytes), _MAX_SLOTS_PER_LANE)
         if self._slots_per_lane < 1:
             raise InvalidTransferError(
@@ -285,7 +279,7 @@ class GlooTransport(Transport):
         assert self._device is not None
         device = self._device
         torch.cuda.set_device(device)
-        lanes = 2 * max(self.world_size - 1, 1) * len(self._groups)
+        lanes = self._lane_count
         # Pinned once, reused by every batch: pageable per-call buffers are what make
         # the reference staged path slow.
         self._pool = torch.empty(
