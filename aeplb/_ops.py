@@ -92,10 +92,7 @@ def dtype_of(code: int) -> torch.dtype:
 
 def op_table(ops: list[Op]) -> np.ndarray:
     """The [ops, 6] int64 table of ``ops`` (columns PEER ... PTR), as a queue takes it."""
-    queue = OpQueue()
-    for op in ops:
-        queue.add(op.kind, op.tensor, op.peer, rank=-1)  # no rank: none is a self-transfer
-    return np.array(queue.rows, dtype=np.int64).reshape(len(ops), _TABLE_COLUMNS)
+    return PreparedBatch.of(ops).table
 
 
 class OpQueue:
@@ -155,17 +152,16 @@ class PreparedBatch:
     @classmethod
     def of(cls, ops: list[Op]) -> PreparedBatch:
         """A batch of network ops only."""
-        return cls(tensors=[op.tensor for op in ops], _ops=list(ops))
+        queue = OpQueue()
+        for op in ops:
+            queue.add(op.kind, op.tensor, op.peer, rank=-1)  # no rank: none is a self-transfer
+        return cls(tensors=queue.tensors, rows=queue.rows, _ops=list(ops))
 
     @property
     def table(self) -> np.ndarray:
         """The [ops, 6] op table, built on first use (on the worker, not the caller)."""
         if self._table is None:
-            if self._ops is not None:
-                table = op_table(self._ops)
-            else:
-                table = np.array(self.rows or [], dtype=np.int64).reshape(-1, _TABLE_COLUMNS)
-            self._table = table
+            self._table = np.array(self.rows or [], dtype=np.int64).reshape(-1, _TABLE_COLUMNS)
         return self._table
 
     @property
