@@ -50,6 +50,9 @@ class _Pending:
     rejected: InvalidTransferError | None = None
 
 
+# The warm-up's deadline is at least this: NCCL's setup at scale takes seconds.
+WARM_UP_MIN_TIMEOUT = 120.0
+
 # Longest deadline accepted: backends turn the remaining time into C integers of
 # milliseconds (Gloo overflows past about 24 days); None waits without a deadline.
 MAX_TIMEOUT = 1e6
@@ -260,7 +263,39 @@ class Communicator:
         return self._finish(pending)
 
     def _execute_blocking(self, timeout: float | None) -> TransferStats:
-        pending = self._start(self._queue, timeout, from_queue=True)
+        return self._run_blocking(self._queue, timeout, from_queue=True)
+
+    def _warm_up(self) -> None:
+        """Runs one tiny batch with every peer and waits for it, uncounted.
+
+        NCCL sets up its communicator and each peer's connections on first use, which
+        made a first batch take 0.2 to 0.7 s on 2 GPUs (more on more ranks): long enough
+        to miss a short deadline and break the communicator. Here it happens while the
+        ranks create the communicator together.
+        """
+        rank, world = self.rank, self.world_size
+        if world == 1:
+            return
+        device = self._transport.home_device()
+        sends = torch.full((world,), rank + 1, dtype=torch.int32, device=device)
+        recvs = torch.zeros(world, dtype=torch.int32, device=device)
+        ops = OpQueue()
+        for peer in range(world):
+            if peer != rank:
+                ops.add(OpKind.SEND, sends[peer : peer + 1], peer, rank)
+                ops.add(OpKind.RECV, recvs[peer : peer + 1], peer, rank)
+        timeout = None if self._timeout is None else max(self._timeout, WARM_UP_MIN_TIMEOUT)
+        self._run_blocking(ops, timeout, counted=False)
+
+    def _run_blocking(
+        self,
+        ops: OpQueue,
+        timeout: float | None,
+        *,
+        from_queue: bool = False,
+        counted: bool = True,
+    ) -> TransferStats:
+        pending = self._start(ops, timeout, from_queue=from_queue, counted=counted)
         try:
             limit = None
             if pending.deadline is not None:
@@ -296,7 +331,9 @@ class Communicator:
             self._last_error = error
         raise error
 
-    def _start(self, ops: OpQueue, timeout: float | None, *, from_queue: bool) -> _Pending:
+    def _start(
+        self, ops: OpQueue, timeout: float | None, *, from_queue: bool, counted: bool = True
+    ) -> _Pending:
         self._check_usable()
         if self._awaiting:
             raise BusyCommunicatorError(
@@ -322,7 +359,7 @@ class Communicator:
             job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
         with self._lock:
             self._in_flight.append(job)
-        job.add_done_callback(lambda: self._settle(job, batch))
+        job.add_done_callback(lambda: self._settle(job, batch, counted))
         if from_queue and rejected is None:
             self._queue = OpQueue()
         self._awaiting = True
@@ -405,7 +442,7 @@ class Communicator:
             if self._broken is None:
                 self._broken = error
 
-    def _settle(self, job: Job[_Outcome], batch: PreparedBatch) -> None:
+    def _settle(self, job: Job[_Outcome], batch: PreparedBatch, counted: bool) -> None:
         """Runs on the worker thread when a job ends, awaited or not.
 
         Counts bytes here, not in ``_finish``: a batch whose awaiting task was cancelled
@@ -413,6 +450,8 @@ class Communicator:
         """
         with self._lock:
             self._in_flight.remove(job)
+            if not counted:
+                return
             try:
                 job.result()
             except BaseException as exc:

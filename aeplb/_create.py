@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ._communicator import Communicator, _check_bool, _check_timeout
-from ._exceptions import BackendUnavailableError, InvalidTransferError
+from ._exceptions import AEPLBError, BackendUnavailableError, InvalidTransferError
 from .transports._base import Transport, check_positive
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo", "ipc")
@@ -142,6 +142,14 @@ def create_communicator(
             hanging. With it on, every rank of the group must call ``execute()`` for every
             batch, even with nothing queued. On ipc with every rank on one node the
             manifests ride with the buffer descriptors, so the check adds no round trip.
+            ``warm_up`` (bool, default True): run one tiny batch with every peer before
+            returning, so that what a backend sets up on first use (NCCL's communicator and
+            its connection to each peer: 0.2 to 0.7 s on two GPUs) happens now and not in
+            the first transfer, where it could miss a short deadline. Creation then waits
+            for every rank of the group, up to the communicator's timeout (at least
+            120 s; no aeplb deadline when timeout is None), and raises
+            BackendUnavailableError if a peer fails. The warm-up is not counted in
+            ``statistics()``.
             ``coalesce`` (nccl, pynccl, and ipc's NCCL for other nodes; default True):
             send all tensors for one peer as one byte stream, cut into as few equal pieces
             of at most ``chunk_bytes`` as it takes (default 512 MiB, or less so that a
@@ -169,8 +177,8 @@ def create_communicator(
         A new :class:`Communicator`.
 
     Raises:
-        BackendUnavailableError: torch.distributed is not initialized, or the backend
-            cannot run here; the message says what is missing.
+        BackendUnavailableError: torch.distributed is not initialized, the backend
+            cannot run here, or the warm-up failed; the message says what is missing.
         InvalidTransferError: an argument is wrong.
 
     With ``"ipc"``, every rank of the group calls ``execute()`` for every batch, even
@@ -215,10 +223,22 @@ def create_communicator(
             ) from exc
     check_peers = _check_bool(options.pop("check_peers", True), "check_peers")
     enqueue_on = options.pop("enqueue_on", "worker")
+    warm_up = _check_bool(options.pop("warm_up", True), "warm_up")
     transport = _make_transport(_choose(backend, group, dev), group, rank, world_size, dev, options)
     if options:
         raise TypeError(
             f"create_communicator() got unknown option(s) {sorted(options)}; "
             "see help(aeplb.create_communicator)"
         )
-    return Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
+    comm = Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
+    if warm_up:
+        try:
+            comm._warm_up()
+        except AEPLBError as exc:
+            comm._close_blocking()
+            raise BackendUnavailableError(
+                f"create_communicator: the first exchange with every peer failed on rank "
+                f"{rank} ({exc}); every rank of the group must create the communicator, with "
+                "the same options"
+            ) from exc
+    return comm

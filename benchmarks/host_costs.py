@@ -6,8 +6,8 @@ ordinary and interprocess events, entering a stream context, a driver pointer qu
 
 The packing lines time the ways to gather many tensors into one staging buffer on one GPU
 (and to scatter it back): host time per call and GPU time per call, for 1000 x 64 KiB
-tensors (the many-small workload), 256 x 1 MiB and 48 DeepSeek-V3 fp8 expert tensors
-(eplb).
+tensors (the many-small workload), 256 x 1 MiB, 192 smaller expert tensors of two shapes
+and 48 DeepSeek-V3 fp8 expert tensors (eplb).
 
     python benchmarks/host_costs.py
 """
@@ -71,9 +71,17 @@ def _pack_ways(
         "unpack unflatten+_foreach_copy_": lambda: torch._foreach_copy_(
             back, torch._C._nn.unflatten_dense_tensors(buf, back)
         ),
+        "unpack split_with_sizes_copy (flat views)": lambda: torch.split_with_sizes_copy(
+            buf, [v.numel() for v in views], 0, out=[t.view(-1) for t in back]
+        ),
         "pack cuMemcpyBatchAsync": lambda: driver.copy_batch_async(dsts, srcs, lens, handle),
         "unpack cuMemcpyBatchAsync": lambda: driver.copy_batch_async(backs, dsts, lens, handle),
     }
+    if all(t.dim() == 1 for t in back):
+        sizes = [t.numel() for t in back]
+        ways["unpack split_with_sizes_copy (1-D tensors)"] = lambda: torch.split_with_sizes_copy(
+            buf, sizes, 0, out=back
+        )
     out: dict[str, dict[str, float]] = {}
     reps = 200 if len(tensors) > 100 else 500
     with torch.cuda.stream(stream):
@@ -91,9 +99,12 @@ def _packing(driver: Driver, stream: torch.cuda.Stream) -> dict[str, dict[str, f
     many = [(64 << 10,)] * 1000
     eplb = [(2048, 7168), (2048, 7168), (7168, 2048)] * 16
     mid = [(1 << 20,)] * 256
+    # smaller experts, as in a 30B-A3B model: 192 tensors of 1.5 MB in two shapes
+    small_experts = [(768, 2048), (768, 2048), (2048, 768)] * 64
     return (
         _pack_ways(driver, stream, "1000 x 64 KiB", many)
         | _pack_ways(driver, stream, "256 x 1 MiB", mid)
+        | _pack_ways(driver, stream, "192 small-expert tensors", small_experts)
         | _pack_ways(driver, stream, "48 eplb tensors", eplb)
     )
 

@@ -69,6 +69,8 @@ CREATE_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"check_peers": "no"}, InvalidTransferError, "check_peers"),
     ({"check_peers": 1}, InvalidTransferError, "check_peers"),
     ({"check_peers": None}, InvalidTransferError, "check_peers"),
+    ({"warm_up": "yes"}, InvalidTransferError, "warm_up"),
+    ({"warm_up": 0}, InvalidTransferError, "warm_up"),
     ({"chunk_bytes": 0}, InvalidTransferError, "chunk_bytes"),
     ({"chunk_bytes": -8}, InvalidTransferError, "chunk_bytes"),
     ({"chunk_bytes": 1.5}, InvalidTransferError, "chunk_bytes"),
@@ -105,8 +107,16 @@ def test_create_communicator(
 
 @pytest.mark.anyio
 async def test_create_communicator_good_inputs_still_work(one_rank_group: None) -> None:
-    for kwargs in ({}, {"timeout": 5}, {"timeout": 1e6}, {"device": "cpu"}, {"check_peers": False}):
-        async with aeplb.create_communicator("gloo", **kwargs) as comm:  # type: ignore[arg-type]
+    good: list[dict[str, Any]] = [
+        {},
+        {"timeout": 5},
+        {"timeout": 1e6},
+        {"device": "cpu"},
+        {"check_peers": False},
+        {"warm_up": False},
+    ]
+    for kwargs in good:
+        async with aeplb.create_communicator("gloo", **kwargs) as comm:
             buf = torch.zeros(3)
             comm.add_send(torch.arange(3.0), 0)
             comm.add_recv(buf, 0)

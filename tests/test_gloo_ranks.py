@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -260,10 +261,11 @@ async def mismatched_lists(rank: int, world: int, case: str) -> str:
 
 async def silent_peer(rank: int, world: int) -> float:
     """Rank 1 never executes: rank 0 must fail at its deadline, not hang."""
+    comm = aeplb.create_communicator("gloo", timeout=1.5)
     if rank == 1:
         await anyio.sleep(4)
+        await comm.aclose()
         return 0.0
-    comm = aeplb.create_communicator("gloo", timeout=1.5)
     comm.add_send(payload(1, (10,)), 1)
     start = time.monotonic()
     with pytest.raises(aeplb.TransferTimeoutError):
@@ -276,6 +278,35 @@ async def silent_peer(rank: int, world: int) -> float:
     assert isinstance(info.value.__cause__, aeplb.TransferTimeoutError)
     await comm.aclose()
     return elapsed
+
+
+async def warmed_up(rank: int, world: int, warm_up: bool) -> dict[str, Any]:
+    """The warm-up at creation is not counted as a batch, and the first batch works."""
+    comm = aeplb.create_communicator("gloo", timeout=30, warm_up=warm_up)
+    before = comm.statistics()
+    peer = (rank + 1) % world
+    src = (rank - 1) % world
+    buf = poisoned((33,))
+    comm.add_send(payload(seed_of(rank, peer, 0), (33,)), peer)
+    comm.add_recv(buf, src)
+    stats = await comm.execute()
+    assert_same(buf, payload(seed_of(src, rank, 0), (33,)))
+    after = comm.statistics()
+    await comm.aclose()
+    return {
+        "before": (before.batches_completed, before.bytes_sent, before.bytes_received),
+        "after": (after.batches_completed, after.bytes_sent, after.bytes_received),
+        "sent": stats.bytes_sent,
+    }
+
+
+def peer_gone_at_creation(rank: int, world: int) -> str:
+    """Rank 1 exits instead of creating the communicator: rank 0's creation fails clearly."""
+    if rank == 1:
+        os._exit(0)
+    with pytest.raises(aeplb.BackendUnavailableError) as info:
+        aeplb.create_communicator("gloo", timeout=5)
+    return str(info.value)
 
 
 async def cancel_midway(rank: int, world: int, how: str) -> dict[str, float]:
@@ -436,6 +467,22 @@ def test_mismatched_lists_raise_on_every_rank(world2: RankPool, case: str) -> No
     messages = world2.run(mismatched_lists, case, backend="asyncio", timeout=60)
     assert messages[0] == messages[1].replace("seen on rank 1", "seen on rank 0")
     assert "rank 0 sends" in messages[0]
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_warm_up_is_uncounted_and_the_first_batch_works(world4: RankPool, warm_up: bool) -> None:
+    for result in world4.run(warmed_up, warm_up, backend="asyncio"):
+        assert result["before"] == (0, 0, 0)
+        nbytes = payload(0, (33,)).nbytes
+        assert result["after"] == (1, nbytes, nbytes)
+        assert result["sent"] == nbytes
+
+
+def test_peer_gone_at_creation_is_a_clear_error(world2: RankPool) -> None:
+    results = world2.run(peer_gone_at_creation, timeout=60, allow_dead=True)
+    assert results[1] is None
+    assert "first exchange with every peer failed on rank 0" in results[0]
+    assert "every rank of the group must create the communicator" in results[0]
 
 
 def test_silent_peer_hits_the_deadline(world2: RankPool, anyio_backend: str) -> None:

@@ -35,6 +35,10 @@ class Transport(abc.ABC):
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         """Raises InvalidTransferError if this transport cannot move ``tensor``."""
 
+    def home_device(self) -> torch.device:
+        """Where this transport's tensors live unless told otherwise (its warm-up's)."""
+        return torch.device("cpu")
+
     def capture_ready(self) -> object | None:
         """Marks the caller's current position in stream order (for CUDA transports)."""
         return None

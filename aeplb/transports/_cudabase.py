@@ -49,6 +49,9 @@ class CudaTransport(Transport):
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         _cuda.check_cuda_tensor(tensor, self.device, verb, self.name)
 
+    def home_device(self) -> torch.device:
+        return self.device
+
     def capture_ready(self) -> object | None:
         return _cuda.record_ready(self.device)
 

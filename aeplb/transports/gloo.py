@@ -185,6 +185,9 @@ class GlooTransport(Transport):
             f"staging), got one on {tensor.device}; move it to the CPU or a CUDA device"
         )
 
+    def home_device(self) -> torch.device:
+        return torch.device("cpu") if self._device is None else self._device
+
     def capture_ready(self) -> object | None:
         if self._device is None:
             return None
