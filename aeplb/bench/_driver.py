@@ -31,7 +31,7 @@ def variants(text: str) -> list[tuple[str, str, dict[str, Any]]]:
         for o in opts:
             key, value = o.split("=", 1)
             options[key] = int(value) if value.lstrip("-").isdigit() else value
-            if key in ("coalesce", "check_peers"):
+            if key in ("coalesce", "check_peers", "warm_up"):
                 options[key] = bool(int(value))
         out.append((spec.strip(), name, options))
     return out
