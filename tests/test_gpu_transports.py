@@ -100,6 +100,8 @@ async def exchange(
 def _shapes(layout: str) -> list[tuple[tuple[int, ...], torch.dtype]]:
     if layout == "one-dtype-many":  # packed without a byte view per tensor
         return [((1 + i % 13, 3 + i % 7), torch.bfloat16) for i in range(400)]
+    if layout == "one-dtype-1d":  # ... and unpacked by one split_with_sizes_copy
+        return [((1 + (37 * i) % 3001,), torch.uint8) for i in range(400)]
     dtypes = [torch.float32, torch.bfloat16, FP8, torch.int64]  # mixed: a view per tensor
     return [((5 + i % 11, 1 + i % 3), dtypes[i % 4]) for i in range(300)]
 
@@ -316,10 +318,13 @@ def test_gloo_lanes_cycle_slots_over_stripes(gpus2: RankPool) -> None:
 
 
 @pytest.mark.parametrize("backend", ["nccl", "pynccl"])
-@pytest.mark.parametrize("layout", ["one-dtype-many", "mixed-many", "views-of-one"])
+@pytest.mark.parametrize("layout", ["one-dtype-many", "one-dtype-1d", "mixed-many", "views-of-one"])
 def test_packing_paths(gpus2: RankPool, backend: str, layout: str) -> None:
-    # 9999-byte pieces: most start and end inside a tensor, many off the dtype's alignment
+    # 9999-byte pieces: most start and end inside a tensor, many off the dtype's alignment;
+    # for 1-D tensors, pieces of about 130 tensors that start and end inside one
     options = {"chunk_bytes": 9999, "staging_bytes": 100000}
+    if layout == "one-dtype-1d":
+        options = {"chunk_bytes": 200003, "staging_bytes": 1 << 20}
     staging = gpus2.run(packing, backend, layout, options, backend="asyncio", pg_backend=PG)
     if layout == "views-of-one":
         assert staging == [0, 0], "back-to-back views of one tensor need no staging"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._ops import DTYPE, IS_RECV, NBYTES, PEER, PTR, OpKind, PreparedBatch, dtype_of
+from .._ops import DTYPE, IS_RECV, NBYTES, NUMEL, PEER, PTR, OpKind, PreparedBatch, dtype_of
 
 # Up to this many whole tensors, a piece is packed through one byte view per tensor (cheap
 # at this count, and torch.cat's kernel is the fastest gather); past it, through calls
@@ -44,6 +44,7 @@ class Piece:
     whole: tuple[torch.Tensor, ...] = ()  # tensors wholly inside the piece, in order
     tail: torch.Tensor | None = None  # the start of a tensor the piece ends inside (uint8)
     dtype: torch.dtype | None = None  # the whole tensors' dtype, when they share one
+    numels: np.ndarray | None = None  # the whole tensors' element counts, when they share one
 
     def gather(self, buf: torch.Tensor, *, same_device: bool, non_blocking: bool = False) -> None:
         """Copies the piece into ``buf`` (uint8, ``nbytes`` long) on the current stream;
@@ -106,6 +107,19 @@ def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocki
 
 def _scatter_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
     typed = _typed(piece, buf)
+    if (
+        typed is not None
+        and same_device
+        and typed.is_cuda
+        and piece.numels is not None
+        and all(t.ndim == 1 for t in piece.whole)
+    ):
+        # One kernel of 16-byte copies whatever the dtype: 1000 x 64 KiB of uint8 in
+        # 0.13 ms on an H200, against 3.1 ms through _foreach_copy_, which goes element
+        # by element. It wants out tensors shaped as the split, hence 1-D ones only.
+        sizes = piece.numels.tolist()
+        torch.split_with_sizes_copy(typed, sizes, 0, out=list(piece.whole))
+        return
     if typed is not None:
         parts = torch._C._nn.unflatten_dense_tensors(typed, list(piece.whole))
         torch._foreach_copy_(piece.whole, parts, non_blocking=non_blocking)
@@ -131,6 +145,7 @@ class ByteStream:
         "_end",
         "_gaps",
         "_kinds",
+        "_numels",
         "_ptr",
         "_tensors",
         "kind",
@@ -154,6 +169,7 @@ class ByteStream:
         gaps = self._ptr[1:] != self._ptr[:-1] + sizes[:-1]
         self._gaps = np.concatenate(([0], np.cumsum(gaps)))
         self._codes = rows[:, DTYPE]
+        self._numels = rows[:, NUMEL]
         # running counts of dtype changes: tensors i..j share a dtype iff equal at i and j
         self._kinds = np.concatenate(([0], np.cumsum(self._codes[1:] != self._codes[:-1])))
 
@@ -182,11 +198,16 @@ class ByteStream:
             head, a = as_bytes(first)[lo:], i0 + 1
         if stop < self._end[i1 - 1]:
             tail, b = as_bytes(last)[: stop - int(self._begin[i1 - 1])], i1 - 1
-        dtype = None
+        dtype = numels = None
         if b > a and self._kinds[a] == self._kinds[b - 1]:
-            dtype = dtype_of(int(self._codes[a]))
+            dtype, numels = dtype_of(int(self._codes[a])), self._numels[a:b]
         return Piece(
-            stop - start, head=head, whole=tuple(self._tensors[a:b]), tail=tail, dtype=dtype
+            stop - start,
+            head=head,
+            whole=tuple(self._tensors[a:b]),
+            tail=tail,
+            dtype=dtype,
+            numels=numels,
         )
 
 
