@@ -44,7 +44,7 @@ class Piece:
     whole: tuple[torch.Tensor, ...] = ()  # tensors wholly inside the piece, in order
     tail: torch.Tensor | None = None  # the start of a tensor the piece ends inside (uint8)
     dtype: torch.dtype | None = None  # the whole tensors' dtype, when they share one
-    numels: np.ndarray | None = None  # the whole tensors' element counts, when they share one
+    numels: np.ndarray | None = None  # the whole tensors' element counts, with dtype
 
     def gather(self, buf: torch.Tensor, *, same_device: bool, non_blocking: bool = False) -> None:
         """Copies the piece into ``buf`` (uint8, ``nbytes`` long) on the current stream;
