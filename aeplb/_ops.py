@@ -122,8 +122,12 @@ class OpQueue:
             return
         nbytes = t.nbytes
         is_recv = kind is OpKind.RECV
+        dtype = t.dtype
+        code = _DTYPE_CODES.get(dtype)
+        if code is None:
+            code = dtype_code(dtype)
         self.tensors.append(t)
-        self.rows.extend((peer, is_recv, dtype_code(t.dtype), t.numel(), nbytes, t.data_ptr()))
+        self.rows.extend((peer, is_recv, code, t.numel(), nbytes, t.data_ptr()))
         if is_recv:
             self.received += nbytes
         else:

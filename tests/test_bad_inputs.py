@@ -179,6 +179,24 @@ def test_queue_op(verb: str, tensor: Any, peer: Any, pattern: str) -> None:
     comm.clear()
 
 
+def test_queue_op_takes_subclasses() -> None:
+    """A Parameter and an int subclass rank pass; the rank is queued as a plain int."""
+    import enum
+
+    class Peer(enum.IntEnum):
+        ONE = 1
+
+    comm, _ = fake_comm(rank=0)
+    weight = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    comm.add_send(weight, Peer.ONE)
+    comm.add_recv(torch.ones(2), 1)
+    assert comm.pending == 2
+    row = comm._queue.rows[:6]
+    assert row[0] == 1 and type(row[0]) is int
+    assert row[-1] == weight.data_ptr()
+    comm.clear()
+
+
 @pytest.mark.parametrize(
     "tensor",
     [torch.empty(3, device="meta"), _sparse_csr()],

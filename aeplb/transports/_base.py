@@ -35,6 +35,10 @@ class Transport(abc.ABC):
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
         """Raises InvalidTransferError if this transport cannot move ``tensor``."""
 
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        """A quick yes for a tensor ``check_tensor`` would pass; False means "ask it"."""
+        return False
+
     def home_device(self) -> torch.device:
         """Where this transport's tensors live unless told otherwise (its warm-up's)."""
         return torch.device("cpu")

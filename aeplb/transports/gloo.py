@@ -185,6 +185,9 @@ class GlooTransport(Transport):
             f"staging), got one on {tensor.device}; move it to the CPU or a CUDA device"
         )
 
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_cpu
+
     def home_device(self) -> torch.device:
         return torch.device("cpu") if self._device is None else self._device
 
