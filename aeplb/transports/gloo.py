@@ -186,7 +186,10 @@ class GlooTransport(Transport):
         )
 
     def accepts(self, tensor: torch.Tensor) -> bool:
-        return tensor.is_cpu
+        if tensor.is_cpu:
+            return True
+        device = self._device
+        return device is not None and tensor.is_cuda and tensor.get_device() == device.index
 
     def home_device(self) -> torch.device:
         return torch.device("cpu") if self._device is None else self._device
