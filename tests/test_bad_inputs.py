@@ -85,6 +85,7 @@ CREATE_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"frobnicate": True}, TypeError, "frobnicate"),
     ({"max_ops_per_group": 8}, TypeError, "max_ops_per_group"),  # an NCCL option on gloo
     ({"nccl_library": "libnccl.so"}, TypeError, "nccl_library"),
+    ({"device": "cuda"}, aeplb.BackendUnavailableError, "cuda"),  # gloo staging, no CUDA
     ({"backend": "nccl"}, aeplb.BackendUnavailableError, "nccl"),
     ({"backend": "pynccl"}, aeplb.BackendUnavailableError, "pynccl"),
 ]
@@ -96,7 +97,8 @@ CREATE_CASES: list[tuple[dict[str, Any], type[Exception], str]] = [
 def test_create_communicator(
     one_rank_group: None, kwargs: dict[str, Any], error: type[Exception], name: str
 ) -> None:
-    if kwargs.get("backend") in ("nccl", "pynccl") and torch.cuda.is_available():
+    needs_cuda = kwargs.get("backend") in ("nccl", "pynccl") or kwargs.get("device") == "cuda"
+    if needs_cuda and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     args = {"backend": "gloo", **kwargs}
     before = _aeplb_threads()

@@ -264,6 +264,15 @@ async def first_batch(rank: int, world: int, backend: str) -> float:
     return stats.seconds
 
 
+async def gloo_plain_cuda(rank: int, world: int) -> int:
+    """device="cuda" (no index) means the current device, as in torch."""
+    comm = aeplb.create_communicator("gloo", device="cuda", timeout=60)
+    await swap(comm, rank, 1 - rank, [((4096,), torch.bfloat16), ((3, 5), torch.float32)])
+    held = int(comm._transport.staging_bytes)  # type: ignore[attr-defined]
+    await comm.aclose()
+    return held
+
+
 def blocking(rank: int, world: int, backend: str) -> None:
     peer = 1 - rank
     comm = aeplb.create_communicator(backend, timeout=60)
@@ -375,6 +384,11 @@ def test_deadline(gpus2: RankPool, backend: str) -> None:
 def test_first_batch_meets_a_short_deadline(gpus2: RankPool, backend: str) -> None:
     seconds = gpus2.run(first_batch, backend, backend="asyncio", pg_backend=PG, timeout=90)
     print(f"FIRST {backend}: {[round(s * 1e3, 2) for s in seconds]} ms")
+
+
+def test_gloo_device_cuda_means_the_current_device(gpus2: RankPool) -> None:
+    held = gpus2.run(gloo_plain_cuda, backend="asyncio", pg_backend=PG)
+    assert all(h > 0 for h in held), "the CUDA tensors were staged through the pinned pool"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

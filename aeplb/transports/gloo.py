@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore
 
 from .. import _cuda
-from .._exceptions import InvalidTransferError
+from .._exceptions import BackendUnavailableError, InvalidTransferError
 from .._ops import OpKind, PreparedBatch
 from ._base import Transport, check_positive
 from ._streams import ByteStream, Piece, byte_streams
@@ -159,7 +159,14 @@ class GlooTransport(Transport):
             )
         self._group = group
         self._chunk = chunk_bytes
-        self._device = device if device is None or device.type == "cuda" else None
+        if device is not None and device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailableError(
+                    f"device={device}: gloo stages CUDA tensors through host memory, but "
+                    "torch.cuda.is_available() is False here; pass device='cpu' or None"
+                )
+            device = _cuda.resolve_device(device)  # "cuda" alone: the current device
+        self._device = device if device is not None and device.type == "cuda" else None
         self._pool: torch.Tensor | None = None
         self._lanes: ThreadPoolExecutor | None = None
         self._d2h: torch.cuda.Stream | None = None
