@@ -1,8 +1,9 @@
 """Host time of queueing one op (``add_send``), on one process, no network.
 
 The communicator sits on a stand-in transport that takes CPU tensors (checked as the gloo
-transport checks them) and moves nothing: what is timed is the communicator's own checks and its op table, which the
-many-small benchmark pays 2000 times per batch on the caller's thread.
+transport checks them) and moves nothing: what is timed is the communicator's own checks
+and its op table, which the many-small benchmark pays 2000 times per batch on the caller's
+thread.
 
     python benchmarks/queue_cost.py --ops 2000 --reps 200
 """
