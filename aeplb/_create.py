@@ -16,6 +16,14 @@ DEFAULT_STRIPES = 8
 NON_MEMBER = dist.GroupMember.NON_GROUP_MEMBER
 
 
+# Backend options each transport takes (the communicator's own are popped before).
+_CUDA_OPTIONS = frozenset({"max_ops_per_group", "coalesce", "chunk_bytes", "staging_bytes"})
+_OPTIONS = {
+    "gloo": frozenset({"chunk_bytes", "staging_bytes", "stripes"}),
+    "pynccl": _CUDA_OPTIONS | {"nccl_library"},
+}
+
+
 def default_stripes(world_size: int) -> int:
     """Gloo stripes where none are asked for: only CUDA tensors need them (staging), and
     pieces to many peers are on the wire at once already, so fewer stripes each."""
@@ -224,12 +232,14 @@ def create_communicator(
     check_peers = _check_bool(options.pop("check_peers", True), "check_peers")
     enqueue_on = options.pop("enqueue_on", "worker")
     warm_up = _check_bool(options.pop("warm_up", True), "warm_up")
-    transport = _make_transport(_choose(backend, group, dev), group, rank, world_size, dev, options)
-    if options:
+    name = _choose(backend, group, dev)
+    unknown = set(options) - _OPTIONS.get(name, _CUDA_OPTIONS)
+    if unknown:  # before the transport exists: it may hold groups, threads, an NCCL comm
         raise TypeError(
-            f"create_communicator() got unknown option(s) {sorted(options)}; "
+            f"create_communicator() got unknown option(s) {sorted(unknown)}; "
             "see help(aeplb.create_communicator)"
         )
+    transport = _make_transport(name, group, rank, world_size, dev, options)
     comm = Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
     if warm_up:
         try:

@@ -107,6 +107,15 @@ def test_create_communicator(
     assert _aeplb_threads() <= before, "a rejected communicator left a worker thread"
 
 
+def test_unknown_option_is_refused_before_the_transport_exists(one_rank_group: None) -> None:
+    from aeplb.transports import gloo
+
+    before = dict(gloo._STRIPE_SETS)
+    with pytest.raises(TypeError, match="frobnicate"):
+        aeplb.create_communicator("gloo", stripes=3, frobnicate=True)
+    assert dict(gloo._STRIPE_SETS) == before, "stripe groups were made for a rejected call"
+
+
 @pytest.mark.anyio
 async def test_create_communicator_good_inputs_still_work(one_rank_group: None) -> None:
     good: list[dict[str, Any]] = [
