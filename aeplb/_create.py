@@ -56,6 +56,7 @@ def _make_transport(
     device: torch.device | None,
     options: dict[str, Any],
 ) -> Transport:
+    """Builds the transport; ``options`` hold only names ``_OPTIONS`` allows for ``name``."""
     backends = _group_backends(group)
     if name == "gloo":
         if "gloo" not in backends:
@@ -66,11 +67,11 @@ def _make_transport(
             )
         from .transports.gloo import GlooTransport, make_stripes
 
-        gloo_options = {k: options.pop(k) for k in ("chunk_bytes", "staging_bytes") if k in options}
         stripes = options.pop("stripes", default_stripes(world_size))
         check_positive("stripes", stripes)
         extra = make_stripes(group, rank, world_size, stripes - 1)
-        return GlooTransport(group, rank, world_size, device=device, stripes=extra, **gloo_options)
+        # what is left are the names _OPTIONS["gloo"] allowed: chunk_bytes, staging_bytes
+        return GlooTransport(group, rank, world_size, device=device, stripes=extra, **options)
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"backend={name!r} needs CUDA, but torch.cuda.is_available() is False here "
@@ -80,8 +81,8 @@ def _make_transport(
     from ._cuda import resolve_device
 
     cuda_device = resolve_device(device)
-    names = ("max_ops_per_group", "coalesce", "chunk_bytes", "staging_bytes")
-    nccl_options = {k: options.pop(k) for k in names if k in options}
+    library = options.pop("nccl_library", None)  # pynccl's only (see _OPTIONS)
+    nccl_options = options  # the rest: _CUDA_OPTIONS, checked by create_communicator
     if name in ("ipc", "ipc-or-nccl"):
         from .transports import ipc
 
@@ -115,7 +116,6 @@ def _make_transport(
         return NCCLTransport(group, rank, world_size, cuda_device, **nccl_options)
     from .transports.pynccl import PyNCCLTransport
 
-    library = options.pop("nccl_library", None)
     return PyNCCLTransport(group, rank, world_size, cuda_device, library=library, **nccl_options)
 
 

@@ -40,7 +40,6 @@ class CudaTransport(Transport):
     ) -> None:
         super().__init__(rank, world_size)
         self.device = device
-        self._index = device.index
         self._packer = Packer(device, chunk_bytes, staging_bytes, world_size) if coalesce else None
         self._max_ops = max_ops_per_group
         self._user_stream: torch.cuda.Stream | None = None
@@ -52,7 +51,7 @@ class CudaTransport(Transport):
 
     def accepts(self, tensor: torch.Tensor) -> bool:
         # get_device() is an int; tensor.device builds a torch.device per call
-        return tensor.is_cuda and tensor.get_device() == self._index
+        return tensor.is_cuda and tensor.get_device() == self.device.index
 
     def home_device(self) -> torch.device:
         return self.device

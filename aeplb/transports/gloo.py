@@ -159,14 +159,14 @@ class GlooTransport(Transport):
             )
         self._group = group
         self._chunk = chunk_bytes
+        self._device: torch.device | None = None
         if device is not None and device.type == "cuda":
             if not torch.cuda.is_available():
                 raise BackendUnavailableError(
                     f"device={device}: gloo stages CUDA tensors through host memory, but "
                     "torch.cuda.is_available() is False here; pass device='cpu' or None"
                 )
-            device = _cuda.resolve_device(device)  # "cuda" alone: the current device
-        self._device = device if device is not None and device.type == "cuda" else None
+            self._device = _cuda.resolve_device(device)  # "cuda" alone: the current device
         self._pool: torch.Tensor | None = None
         self._lanes: ThreadPoolExecutor | None = None
         self._d2h: torch.cuda.Stream | None = None
