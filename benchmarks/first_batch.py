@@ -12,11 +12,9 @@ a server sees as one slow rebalance, or as a missed deadline when ``timeout`` is
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,7 +23,7 @@ import torch.distributed as dist
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import Meeting, init_rank, run_ranks
+from aeplb.bench._spawn import run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -37,14 +35,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--json", help="write the figures here")
     return p.parse_args()
-
-
-def _rank(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
-    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(seconds=120))
-    rows = asyncio.run(_measure(rank, args))
-    dist.destroy_process_group()
-    if rank == 0:
-        out.put(rows)
 
 
 async def _measure(rank: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -81,7 +71,7 @@ def main() -> int:
     if not args.cpu and torch.cuda.device_count() < 2:
         print("needs two CUDA GPUs (or --cpu)", file=sys.stderr)
         return 2
-    rows = run_ranks(_rank, 2, args)
+    rows = run_pair(_measure, args)
     if rows is None:
         return 1
     for r in rows:

@@ -13,21 +13,17 @@ slows Python calls down, so the absolute times are inflated; the ranking is what
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import io
 import pstats
 import sys
-from datetime import timedelta
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import Meeting, init_rank, run_ranks
+from aeplb.bench._spawn import run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -40,14 +36,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--top", type=int, default=25, help="functions printed per thread")
     return p.parse_args()
-
-
-def _rank(rank: int, world: int, meeting: Meeting, args: argparse.Namespace, out: Any) -> None:
-    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(seconds=120))
-    report = asyncio.run(_profile(rank, args))
-    dist.destroy_process_group()
-    if rank == 0:
-        out.put(report)
 
 
 def _stats(prof: cProfile.Profile, top: int) -> str:
@@ -88,7 +76,7 @@ def main() -> int:
     if not args.cpu and torch.cuda.device_count() < 2:
         print("needs two CUDA GPUs (or --cpu)", file=sys.stderr)
         return 2
-    report = run_ranks(_rank, 2, args)
+    report = run_pair(_profile, args)
     if report is None:
         return 1
     print(report)

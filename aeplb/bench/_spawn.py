@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -93,3 +94,19 @@ def _next(q: Any, procs: list[Any]) -> Any | None:
                     p.kill()
                 print("a rank failed; see its traceback above", file=sys.stderr)
                 return None
+
+
+def run_pair(main: Callable[[int, Any], Awaitable[Any]], args: Any) -> Any | None:
+    """Runs ``await main(rank, args)`` on two spawned ranks of the default group (Gloo on
+    CPU with ``args.cpu``, else a GPU each) and returns what rank 0's returned; None once a
+    rank failed. ``main`` must be a module-level function, as spawn pickles it."""
+    return run_ranks(_pair_rank, 2, (main, args))
+
+
+def _pair_rank(rank: int, world: int, meeting: Meeting, job: Any, out: Any) -> None:
+    main, args = job
+    init_rank(rank, world, meeting, cpu=args.cpu, timeout=timedelta(seconds=120))
+    result = asyncio.run(main(rank, args))
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(result)
