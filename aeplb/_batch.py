@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._ops import OpKind, OpQueue
+from ._ops import OpQueue
 from ._stats import TransferStats
 
 if TYPE_CHECKING:
@@ -32,11 +32,11 @@ class Batch:
 
     def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
         """Adds sending ``tensor`` to ``dst_rank`` to this batch."""
-        self._comm._enqueue(self._ops, OpKind.SEND, tensor, dst_rank)
+        self._comm._enqueue(self._ops, False, tensor, dst_rank)
 
     def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
         """Adds receiving into ``tensor`` from ``src_rank`` to this batch."""
-        self._comm._enqueue(self._ops, OpKind.RECV, tensor, src_rank)
+        self._comm._enqueue(self._ops, True, tensor, src_rank)
 
     async def __aenter__(self) -> Batch:
         self._comm._check_usable()

@@ -75,6 +75,8 @@ _TABLE_COLUMNS = 6
 
 _DTYPE_CODES: dict[torch.dtype, int] = {}
 _DTYPES: dict[int, torch.dtype] = {}
+# dtype -> (code, bytes per element), for queueing: two lookups in one
+DTYPE_INFO: dict[torch.dtype, tuple[int, int]] = {}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -82,6 +84,7 @@ def dtype_code(dtype: torch.dtype) -> int:
     if code is None:  # the same on every rank: a hash of the dtype's name
         code = _DTYPE_CODES[dtype] = zlib.crc32(str(dtype).encode())
         _DTYPES[code] = dtype
+        DTYPE_INFO[dtype] = (code, dtype.itemsize)
     return code
 
 
@@ -116,18 +119,17 @@ class OpQueue:
         return len(self.tensors) + len(self.self_sends) + len(self.self_recvs)
 
     def add(self, kind: OpKind, t: torch.Tensor, peer: int, rank: int) -> None:
-        """Queues a checked op (see :func:`check_op`)."""
+        """Queues a checked op (see :func:`check_op`).
+
+        ``Communicator._enqueue`` does the same inline for the usual op; keep them alike.
+        """
         if peer == rank:
             (self.self_sends if kind is OpKind.SEND else self.self_recvs).append(t)
             return
         nbytes = t.nbytes
         is_recv = kind is OpKind.RECV
-        dtype = t.dtype
-        code = _DTYPE_CODES.get(dtype)
-        if code is None:
-            code = dtype_code(dtype)
         self.tensors.append(t)
-        self.rows.extend((peer, is_recv, code, t.numel(), nbytes, t.data_ptr()))
+        self.rows.extend((peer, is_recv, dtype_code(t.dtype), t.numel(), nbytes, t.data_ptr()))
         if is_recv:
             self.received += nbytes
         else:

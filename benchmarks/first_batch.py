@@ -23,7 +23,7 @@ import torch.distributed as dist
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import run_pair
+from aeplb.bench._spawn import rank_device, run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def _measure(rank: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    device = rank_device(rank, args.cpu)
     rows = []
     for spec, name, options in variants(args.backends):
         dist.barrier()

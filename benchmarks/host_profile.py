@@ -23,7 +23,7 @@ import torch
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import run_pair
+from aeplb.bench._spawn import rank_device, run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -45,7 +45,7 @@ def _stats(prof: cProfile.Profile, top: int) -> str:
 
 
 async def _profile(rank: int, args: argparse.Namespace) -> str:
-    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    device = rank_device(rank, args.cpu)
     _, name, options = variants(args.backend)[0]
     comm = aeplb.create_communicator(name, device=device, timeout=60, **options)
     pair = Pair(rank, eplb(16, 1) if args.workload == "eplb" else many_small(), device, comm)

@@ -203,6 +203,31 @@ async def test_op_table_taken_at_queueing_matches_the_tensors() -> None:
     await comm.aclose()
 
 
+async def test_op_table_rows_agree_on_the_first_and_later_ops_of_a_dtype() -> None:
+    """The first op of a dtype takes the full path, later ones the inline one: same rows."""
+    transport = FakeTransport(rank=0, world_size=3)
+    comm = Communicator(transport, check_peers=False)
+    dtypes = [torch.bool, torch.complex64, torch.bfloat16, torch.int16, torch.float64]
+    dtypes += [getattr(torch, "float8_e5m2", torch.uint8)]
+    shapes = [(3, 5), (7,), (2, 1, 4)]
+    for i, dtype in enumerate(dtypes):
+        for j, shape in enumerate(shapes):
+            t = torch.ones(shape, dtype=torch.float32).to(dtype)
+            (comm.add_send if (i + j) % 2 else comm.add_recv)(t, 1 + j % 2)
+    b = comm.batch()
+    async with b as batch:
+        batch.add_send(torch.ones(4, dtype=torch.int16), 2)
+    await comm.execute()
+    tables = transport.tables
+    assert len(tables) == 2
+    for queued, read in tables:
+        assert np.array_equal(queued, read)
+    assert tables[0][0].shape == (1, 6)  # the batch block ran first
+    assert tables[1][0].shape == (len(dtypes) * len(shapes), 6)
+    assert b.stats is not None and b.stats.bytes_sent == 8
+    await comm.aclose()
+
+
 def test_prepared_batch_ops_table_and_subset_agree() -> None:
     from aeplb._ops import Op, OpKind, PreparedBatch, op_table
 

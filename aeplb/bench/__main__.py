@@ -12,7 +12,7 @@ import torch
 
 from ._driver import CPU_BACKENDS, GPU_BACKENDS, entry
 from ._rank import Row
-from ._spawn import ranks_wanted, run_ranks
+from ._spawn import ranks_wanted, run_ranks, shares_gpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +22,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "single-buffer p2p and a synchronous per-tensor baseline, in one run.",
     )
     p.add_argument("--cpu", action="store_true", help="CPU ranks over Gloo (no GPU needed)")
-    p.add_argument("--ranks", type=int, default=0, help="ranks (default: GPUs, or 2 with --cpu)")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="ranks (default: GPUs, or 2 with --cpu); more ranks than GPUs share them",
+    )
     p.add_argument(
         "--workloads",
         default="eplb,many-small,sweep,interference",
@@ -177,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     if world is None:
         return 2
     if world < 2:
-        print("needs at least 2 ranks (2 GPUs, or --cpu)", file=sys.stderr)
+        print("needs at least 2 ranks (2 GPUs, --ranks 2 on one GPU, or --cpu)", file=sys.stderr)
         return 2
+    if not args.cpu and shares_gpus(world):
+        print(
+            f"{world} ranks on {torch.cuda.device_count()} GPU(s): ranks share GPUs, so NCCL "
+            "(raw, baselines, nccl, pynccl) is left out; ipc and gloo copy within a GPU",
+            file=sys.stderr,
+        )
     per_rank = run_ranks(entry, world, args)
     if per_rank is None:
         return 1

@@ -10,14 +10,13 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
-import torch
 import torch.distributed as dist
 
 import aeplb
 
 from . import _workloads as wl
 from ._rank import Bench, Row
-from ._spawn import Meeting, init_rank
+from ._spawn import Meeting, init_rank, rank_device, shares_gpus
 
 GPU_BACKENDS = "ipc,nccl,pynccl,gloo"
 CPU_BACKENDS = "gloo"
@@ -55,7 +54,9 @@ def workload_list(args: argparse.Namespace, peers: int) -> list[wl.Workload]:
 
 
 async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Row]:
-    device = torch.device("cpu") if args.cpu else torch.device("cuda", rank)
+    device = rank_device(rank, args.cpu)
+    # NCCL pairs no two ranks on one GPU: with more ranks than GPUs, no NCCL rows
+    nccl_rows = args.cpu or not shares_gpus(world)
     bench = Bench(rank, world, device, args.reps, args.warmup)
     backends = variants(args.backends or (CPU_BACKENDS if args.cpu else GPU_BACKENDS))
     rows: list[Row] = []
@@ -87,9 +88,10 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
                     rows.extend(await bench.interference(w, backends))
                 continue
             sweep = w.name.startswith("sweep")
-            bench.progress(f"{w.name}: raw")
-            rows.append(await bench.raw(w))
-            if not args.no_baselines and not sweep:
+            if nccl_rows:
+                bench.progress(f"{w.name}: raw")
+                rows.append(await bench.raw(w))
+            if nccl_rows and not args.no_baselines and not sweep:
                 bench.progress(f"{w.name}: synchronous per-tensor baseline")
                 many = len(w.shapes) > 100
                 rows.append(await bench.reference(w, staged=False, max_ops=32 if many else None))
@@ -98,6 +100,8 @@ async def _rank_main(rank: int, world: int, args: argparse.Namespace) -> list[Ro
             for label, backend, options in backends:
                 if backend == "gloo" and bench.cuda and sweep and w.bytes_per_peer > 512 << 20:
                     continue  # seconds per repetition; the staged curve is flat by then
+                if not nccl_rows and backend in ("nccl", "pynccl"):
+                    continue
                 bench.progress(f"{w.name}: {label}")
                 try:
                     rows.append(await bench.ours(w, label, backend, options))

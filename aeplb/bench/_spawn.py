@@ -41,6 +41,19 @@ class Meeting:
         return store
 
 
+def rank_device(rank: int, cpu: bool) -> torch.device:
+    """The device a spawned rank works on: a GPU each, round robin when there are more
+    ranks than GPUs (ipc and gloo run two ranks on one GPU; NCCL refuses to)."""
+    if cpu:
+        return torch.device("cpu")
+    return torch.device("cuda", rank % torch.cuda.device_count())
+
+
+def shares_gpus(world: int) -> bool:
+    """Whether ``world`` GPU ranks must share GPUs here (then raw NCCL cannot run)."""
+    return world > torch.cuda.device_count()
+
+
 def init_rank(rank: int, world: int, meeting: Meeting, *, cpu: bool, timeout: timedelta) -> None:
     """Joins the default group from a spawned rank: Gloo on CPU, Gloo and NCCL on GPUs."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -49,7 +62,7 @@ def init_rank(rank: int, world: int, meeting: Meeting, *, cpu: bool, timeout: ti
         # core, and a copy split over a pool waits for whichever thread is descheduled.
         torch.set_num_threads(1)
     else:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank_device(rank, cpu))
     dist.init_process_group(
         "gloo" if cpu else "cpu:gloo,cuda:nccl",
         store=meeting.store(rank, world, timeout),
