@@ -68,8 +68,11 @@ async def _measure(rank: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> int:
     args = parse_args()
-    if not args.cpu and torch.cuda.device_count() < 2:
-        print("needs two CUDA GPUs (or --cpu)", file=sys.stderr)
+    if not args.cpu and torch.cuda.device_count() < 1:
+        print(
+            "needs a CUDA GPU (two ranks share one; nccl and pynccl need two) or --cpu",
+            file=sys.stderr,
+        )
         return 2
     rows = run_pair(_measure, args)
     if rows is None:

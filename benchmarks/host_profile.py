@@ -73,8 +73,11 @@ async def _profile(rank: int, args: argparse.Namespace) -> str:
 
 def main() -> int:
     args = parse_args()
-    if not args.cpu and torch.cuda.device_count() < 2:
-        print("needs two CUDA GPUs (or --cpu)", file=sys.stderr)
+    if not args.cpu and torch.cuda.device_count() < 1:
+        print(
+            "needs a CUDA GPU (two ranks share one; nccl and pynccl need two) or --cpu",
+            file=sys.stderr,
+        )
         return 2
     report = run_pair(_profile, args)
     if report is None:

@@ -1,16 +1,18 @@
-"""Host time of queueing one op (``add_send``), on one process, no network.
+"""Host time of queueing one op (``add_send``/``add_recv``), on one process, no network.
 
-The communicator sits on a stand-in transport that takes CPU tensors (checked as the gloo
-transport checks them) and moves nothing: what is timed is the communicator's own checks
-and its op table, which the many-small benchmark pays 2000 times per batch on the caller's
-thread.
+The communicator sits on a stand-in transport that takes tensors of one device (checked as
+the gloo transport checks CPU tensors and the CUDA transports CUDA ones) and moves nothing:
+what is timed is the communicator's own checks and its op table, which the many-small
+benchmark pays 2000 times per batch on the caller's thread. Best and median of the
+repetitions: the median shows what a batch usually pays.
 
-    python benchmarks/queue_cost.py --ops 2000 --reps 200
+    python benchmarks/queue_cost.py --ops 2000 --reps 200 [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -25,12 +27,18 @@ class _Nowhere(Transport):
 
     name = "nowhere"
 
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(0, 2)
+        self.device = device
+
     def check_tensor(self, tensor: torch.Tensor, verb: str) -> None:
-        if tensor.device.type != "cpu":
-            raise ValueError(f"{verb}: CPU tensors only")
+        if tensor.device != self.device:
+            raise ValueError(f"{verb}: {self.device} tensors only")
 
     def accepts(self, tensor: torch.Tensor) -> bool:
-        return bool(tensor.is_cpu)
+        if self.device.type == "cpu":
+            return bool(tensor.is_cpu)
+        return tensor.is_cuda and tensor.get_device() == self.device.index
 
     def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
         return local.unsqueeze(0)
@@ -41,19 +49,31 @@ class _Nowhere(Transport):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ops", type=int, default=2000)
+    p.add_argument("--ops", type=int, default=2000, help="half sends, half receives")
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
-    comm = Communicator(_Nowhere(0, 2), check_peers=False)
-    tensors = [torch.empty(64 << 10, dtype=torch.uint8) for _ in range(args.ops)]
-    best = float("inf")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    comm = Communicator(_Nowhere(device), check_peers=False)
+    half = args.ops // 2
+    sends = [torch.empty(64 << 10, dtype=torch.uint8, device=device) for _ in range(half)]
+    recvs = [torch.empty(64 << 10, dtype=torch.uint8, device=device) for _ in range(half)]
+    took = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
-        for t in tensors:
+        for t in sends:
             comm.add_send(t, 1)
-        best = min(best, time.perf_counter() - t0)
+        for t in recvs:
+            comm.add_recv(t, 1)
+        took.append(time.perf_counter() - t0)
         comm.clear()
-    print(f"add_send: {best / args.ops * 1e9:.0f} ns per op (best of {args.reps} x {args.ops})")
+    per_op = [t / (2 * half) * 1e9 for t in took]
+    print(
+        f"{device} add_send/add_recv: {min(per_op):.0f} ns per op best, "
+        f"{statistics.median(per_op):.0f} median ({args.reps} x {2 * half} ops)"
+    )
 
 
 if __name__ == "__main__":
