@@ -1,7 +1,8 @@
 """Serve a small MoE model on N ranks while aeplb rebalances its experts underneath.
 
 Run ``python examples/serve_while_rebalancing.py`` (2 CPU ranks over Gloo) or
-``python examples/serve_while_rebalancing.py --ranks 4 --device cuda`` (one GPU per rank, NCCL).
+``python examples/serve_while_rebalancing.py --ranks 4 --device cuda`` (a GPU per rank; with
+fewer GPUs than ranks, ranks share them, and ``auto`` moves the weights by CUDA IPC).
 
 What runs:
 
@@ -387,11 +388,12 @@ def _mib(nbytes: float) -> str:
 
 async def _rank_async(rank: int, cfg: Config, events: Any) -> None:
     cuda = cfg.device == "cuda"
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    # more ranks than GPUs share them: auto then picks ipc, which NCCL's refusal spares
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group(
-        "nccl" if cuda else "gloo",
+        "cpu:gloo,cuda:nccl" if cuda else "gloo",
         init_method=f"tcp://127.0.0.1:{cfg.port}",
         rank=rank,
         world_size=cfg.ranks,
@@ -683,8 +685,8 @@ def parse_args(argv: list[str] | None) -> Config:
         problems.append(f"--slots ({slots}) must be >= --experts and a multiple of --ranks")
     if a.duration <= 0 or a.rounds < 1:
         problems.append("--duration must be > 0 and --rounds >= 1")
-    if a.device == "cuda" and torch.cuda.device_count() < a.ranks:
-        problems.append(f"--device cuda needs {a.ranks} GPUs, found {torch.cuda.device_count()}")
+    if a.device == "cuda" and torch.cuda.device_count() < 1:
+        problems.append("--device cuda needs a CUDA GPU, found none")
     if problems:
         p.error("; ".join(problems))
     return Config(
