@@ -24,10 +24,14 @@ def build(table: np.ndarray, world_size: int, status: int = OK) -> torch.Tensor:
     if len(table):
         # ops grouped by (peer, direction), queue order kept within each group
         key = table[:, PEER] * 2 + table[:, IS_RECV]
-        order = np.argsort(key, kind="stable")
-        keys, starts, counts = np.unique(key[order], return_index=True, return_counts=True)
-        shapes = table[order][:, [DTYPE, NUMEL]]  # dtype, numel per op: what the digest covers
-        nbytes = np.add.reduceat(table[order, NBYTES], starts)
+        if not (key[1:] >= key[:-1]).all():  # usually they were queued group by group
+            order = np.argsort(key, kind="stable")
+            key, table = key[order], table[order]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        counts = np.diff(np.append(starts, len(key)))
+        keys = key[starts]
+        shapes = table[:, DTYPE : NUMEL + 1]  # dtype, numel per op: what the digest covers
+        nbytes = np.add.reduceat(table[:, NBYTES], starts)
         for k, start, count, total in zip(
             keys.tolist(), starts.tolist(), counts.tolist(), nbytes.tolist(), strict=True
         ):

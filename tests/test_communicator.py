@@ -338,3 +338,39 @@ def test_enqueue_on_caller_needs_a_cuda_transport_and_no_manifest() -> None:
         Communicator(FakeTransport(), check_peers=False, enqueue_on="caller")
     with pytest.raises(aeplb.InvalidTransferError, match="'worker' or 'caller'"):
         Communicator(FakeTransport(), check_peers=False, enqueue_on="main")
+
+
+def test_manifest_depends_on_each_peer_list_not_on_how_peers_interleave() -> None:
+    """Ops queued peer by peer (the usual order, which skips a sort) or interleaved give one
+    manifest; swapping two ops of one peer's list changes that peer's digest only."""
+    from aeplb import _manifest
+    from aeplb._ops import Op, OpKind, op_table
+
+    rng = np.random.default_rng(7)
+    dtypes = [torch.float32, torch.bfloat16, torch.uint8]
+    lists = {
+        (kind, peer): [
+            Op(kind, torch.ones(3 + 5 * i, dtype=dtypes[i % 3]), peer)
+            for i in range(int(rng.integers(2, 20)))
+        ]
+        for peer in (0, 2, 3)
+        for kind in (OpKind.SEND, OpKind.RECV)
+    }
+    grouped = [op for ops in lists.values() for op in ops]
+    # interleave the groups at random, each group's own order kept
+    left = {key: list(ops) for key, ops in lists.items()}
+    interleaved = []
+    while left:
+        key = list(left)[int(rng.integers(len(left)))]
+        interleaved.append(left[key].pop(0))
+        if not left[key]:
+            del left[key]
+    assert interleaved != grouped
+    a = _manifest.build(op_table(grouped), 4)
+    assert torch.equal(a, _manifest.build(op_table(interleaved), 4))
+    assert a[1].abs().sum() == 0  # nothing with rank 1
+    first, second, *rest = lists[(OpKind.RECV, 2)]
+    swapped = [op for key, ops in lists.items() if key != (OpKind.RECV, 2) for op in ops]
+    c = _manifest.build(op_table([*swapped, second, first, *rest]), 4)
+    assert not torch.equal(a[2], c[2])  # the receive digest for rank 2 differs
+    assert torch.equal(a[[0, 3]], c[[0, 3]])
