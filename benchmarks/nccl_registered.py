@@ -7,6 +7,11 @@ packing. Two ranks, aeplb's own libnccl binding; every variant moves the EPLB ba
 DeepSeek-V3 fp8 tensors) each way and the received bytes are checked.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/nccl_registered.py --reps 20
+    NCCL_NVLS_ENABLE=0 NCCL_LEGACY_CUDA_REGISTER=1 python benchmarks/nccl_registered.py
+
+NCCL 2.28 registers memory from cudaMalloc (torch's caching allocator) only with
+``NCCL_LEGACY_CUDA_REGISTER=1``; without it, registration falls back silently
+(``NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=REG`` shows "failed to IPC register").
 """
 
 from __future__ import annotations
@@ -135,11 +140,12 @@ def main() -> int:
     if results is None:
         return 1
     raw = results["raw one buffer"]
+    print(f"NCCL {results.pop('nccl')}, {results.pop('mb'):.0f} MiB each way")
     for key, value in results.items():
-        if isinstance(value, float) and not key.startswith("registering"):
-            print(f"{key:34s} {value:7.2f} ms  {raw / value:5.2f} x raw")
+        if key.startswith("registering"):
+            print(f"{key:34s} {value:7.2f}")
         else:
-            print(f"{key:34s} {value}")
+            print(f"{key:34s} {value:7.2f} ms  {raw / value:5.2f} x raw")
     return 0
 
 
