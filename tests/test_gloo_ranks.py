@@ -358,6 +358,8 @@ async def cancel_midway(rank: int, world: int, how: str) -> dict[str, float]:
 
 
 async def busy_execute(rank: int, world: int) -> None:
+    """Rank 0 calls execute() again while its first batch waits for rank 1, which joins
+    half a second late: the first batch cannot have ended, however the host schedules."""
     peer = 1 - rank
     async with aeplb.create_communicator("gloo", timeout=60) as comm:
         buf = poisoned((4 << 20,))
@@ -372,10 +374,14 @@ async def busy_execute(rank: int, world: int) -> None:
             except aeplb.BusyCommunicatorError as exc:
                 errors.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(comm.execute)
-            tg.start_soon(second)
-        assert len(errors) == 1, "a second concurrent execute() must raise"
+        if rank == 1:
+            await anyio.sleep(0.5)
+            await comm.execute()
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(comm.execute)
+                tg.start_soon(second)
+            assert len(errors) == 1, "a second concurrent execute() must raise"
         assert_same(buf, payload(seed_of(peer, rank, 0), (4 << 20,)))
 
 
