@@ -148,8 +148,10 @@ def create_communicator(
             manifest (op count, bytes and a digest of dtypes and sizes per peer) so that
             op lists which do not pair up raise PeerMismatchError on every rank instead of
             hanging. With it on, every rank of the group must call ``execute()`` for every
-            batch, even with nothing queued. On ipc with every rank on one node the
-            manifests ride with the buffer descriptors, so the check adds no round trip.
+            batch, even with nothing queued. Where every rank of the group runs on one
+            node, the manifests go through shared memory (set up at creation; tens of
+            microseconds instead of an all-gather of about half a millisecond); on ipc
+            they ride with the buffer descriptors, so the check adds no round trip.
             ``warm_up`` (bool, default True): run one tiny batch with every peer before
             returning, so that what a backend sets up on first use (NCCL's communicator and
             its connection to each peer: 0.2 to 0.7 s on two GPUs) happens now and not in
@@ -241,14 +243,16 @@ def create_communicator(
         )
     transport = _make_transport(name, group, rank, world_size, dev, options)
     comm = Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
-    if warm_up:
-        try:
+    try:
+        if check_peers and not transport.checks_in_band:
+            comm._share_node()
+        if warm_up:
             comm._warm_up()
-        except AEPLBError as exc:
-            comm._close_blocking()
-            raise BackendUnavailableError(
-                f"create_communicator: the first exchange with every peer failed on rank "
-                f"{rank} ({exc}); every rank of the group must create the communicator, with "
-                "the same options"
-            ) from exc
+    except AEPLBError as exc:
+        comm._close_blocking()
+        raise BackendUnavailableError(
+            f"create_communicator: the first exchange with every peer failed on rank "
+            f"{rank} ({exc}); every rank of the group must create the communicator, with "
+            "the same options"
+        ) from exc
     return comm

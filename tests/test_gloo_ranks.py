@@ -357,6 +357,38 @@ async def cancel_midway(rank: int, world: int, how: str) -> dict[str, float]:
         return {"cancelled": float(cancelled), "in_flight_after_cancel": float(in_flight)}
 
 
+async def manifests_through_shared_memory(rank: int, world: int, apart: bool) -> dict[str, Any]:
+    """Where every rank is on this node, the manifests go through a shared-memory mailbox
+    (unless ``apart``: each rank then claims a node of its own); either way a mismatch
+    raises on every rank, the communicator recovers, and data arrives intact."""
+    from aeplb.transports import _node
+
+    real = _node.node_key
+    if apart:
+        _node.node_key = lambda: f"node-of-rank-{rank}"
+    try:
+        comm = aeplb.create_communicator("gloo", timeout=30)
+    finally:
+        _node.node_key = real  # the rank process runs later tests too
+    async with comm:
+        shared = comm._gather is not None
+        nxt = (rank + 1) % world
+        prv = (rank - 1) % world
+        comm.add_send(payload(3, (8 + (rank == 0),)), nxt)  # rank 0 sends one too many
+        comm.add_recv(poisoned((8,)), prv)
+        with pytest.raises(aeplb.PeerMismatchError) as info:
+            await comm.execute()
+        checks = []
+        for i in range(5):
+            buf = poisoned((1000 + i,))
+            comm.add_send(payload(seed_of(rank, nxt, i), (1000 + i,)), nxt)
+            comm.add_recv(buf, prv)
+            stats = await comm.execute()
+            assert_same(buf, payload(seed_of(prv, rank, i), (1000 + i,)))
+            checks.append(stats.check_seconds)
+    return {"shared": shared, "error": str(info.value), "check_ms": 1e3 * min(checks)}
+
+
 async def busy_execute(rank: int, world: int) -> None:
     """Rank 0 calls execute() again while its first batch waits for rank 1, which joins
     half a second late: the first batch cannot have ended, however the host schedules."""
@@ -482,6 +514,15 @@ def test_warm_up_is_uncounted_and_the_first_batch_works(world4: RankPool, warm_u
         nbytes = payload(0, (33,)).nbytes
         assert result["after"] == (1, nbytes, nbytes)
         assert result["sent"] == nbytes
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_manifests_through_shared_memory_on_one_node(world4: RankPool, apart: bool) -> None:
+    results = world4.run(manifests_through_shared_memory, apart, backend="asyncio")
+    for rank, r in enumerate(results):
+        print(f"apart={apart} rank {rank}: check {r['check_ms']:.3f} ms")
+        assert r["shared"] is (not apart)
+        assert "rank 0 sends 1 tensor(s) (36 bytes) to rank 1" in r["error"], r["error"]
 
 
 def test_peer_gone_at_creation_is_a_clear_error(world2: RankPool) -> None:

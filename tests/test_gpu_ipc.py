@@ -208,14 +208,14 @@ async def no_kernels(rank: int, world: int) -> list[str]:
 
 async def other_node(rank: int, world: int) -> list[int]:
     """Ranks that look like they sit on different nodes go through NCCL, same API."""
-    from aeplb.transports import ipc
+    from aeplb.transports import _node
 
-    real = ipc._node_key
-    ipc._node_key = lambda: f"node-of-rank-{rank}"
+    real = _node.node_key
+    _node.node_key = lambda: f"node-of-rank-{rank}"
     try:
         comm = aeplb.create_communicator("ipc", timeout=60)
     finally:
-        ipc._node_key = real  # the rank process runs later tests too
+        _node.node_key = real  # the rank process runs later tests too
     peer = 1 - rank
     async with comm:
         assert comm.backend == "ipc"

@@ -17,11 +17,8 @@ sides instead.
 from __future__ import annotations
 
 import bisect
-import os
-import socket
 import struct
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,6 +31,7 @@ import torch.distributed as dist
 from .. import _cuda, _manifest
 from .._exceptions import BackendUnavailableError, InvalidTransferError, PeerMismatchError
 from .._ops import IS_RECV, NBYTES, PEER, PTR, PreparedBatch
+from . import _node
 from ._cudabase import CudaTransport
 from ._libcuda import IPC_HANDLE_BYTES, Allocation, CUDAError, Driver
 from ._mailbox import Mailbox
@@ -42,27 +40,10 @@ from ._packing import WireOp
 _GATHER, _DESC, _DONE = 0, 1, 2
 _CAPACITIES = (64 << 10, 1 << 20, 4 << 10)
 _OK, _MISMATCH = 0, 1
-_SHM_DIR = "/dev/shm"
 # Mappings of one peer's allocations kept open; older ones are closed first.
 _MAX_MAPPINGS_PER_PEER = 4096
 # How long close() waits for queued copies before leaving them (a failed peer).
 _CLOSE_WAIT_S = 10.0
-
-
-def _node_key() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
-    return f"{socket.gethostname()}/{boot}"
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 class _Allocations:
@@ -121,13 +102,6 @@ class Node:
     peers: dict[int, _Peer]  # by group rank
 
 
-def _gather(obj: object, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
-    out: list[Any] = [None] * dist.get_world_size(group)
-    with torch.cuda.device(device):
-        dist.all_gather_object(out, obj, group=group)
-    return out
-
-
 def connect(
     group: dist.ProcessGroup, rank: int, world_size: int, device: torch.device
 ) -> Node | None:
@@ -139,12 +113,7 @@ def connect(
     problem = ""
     probe = torch.empty(1 << 20, dtype=torch.uint8, device=device)
     ready = done = None
-    mine: dict[str, Any] = {
-        "node": _node_key(),
-        "pidns": _pid_namespace(),
-        "pid": os.getpid(),
-        "token": uuid.uuid4().hex,
-    }
+    mine: dict[str, Any] = {}
     try:
         driver = Driver.get()
         with torch.cuda.device(device):
@@ -163,50 +132,21 @@ def connect(
             mine["events"] = (ready.ipc_handle(), done.ipc_handle())  # type: ignore[no-untyped-call]
     except (BackendUnavailableError, CUDAError, RuntimeError) as exc:
         problem = f"rank {rank}: {exc}"
-    infos = _gather((mine, problem), group, device)
-    _raise_problems([p for _, p in infos])
-    local = [r for r in range(world_size) if infos[r][0]["node"] == mine["node"]]
-    alone = len(local) == 1
-    index = local.index(rank)
-    path = os.path.join(_SHM_DIR, f"aeplb-{infos[local[0]][0]['token']}")
-    # Every rank takes part in every gather below, alone on its node or not.
+    gathered = _node.gather((_node.identity(), mine, problem), group, device)
+    _raise_problems([p for _, _, p in gathered])
+    infos = [who for who, _, _ in gathered]
+    local = [r for r in range(world_size) if infos[r]["node"] == infos[rank]["node"]]
+    # Opening every local peer's probe proves IPC and peer access work between us; every
+    # rank takes part in the mailbox's gathers, alone on its node or not.
     try:
-        # Opening every local peer's probe proves IPC and peer access work between us.
         for r in local:
             if r != rank:
-                ptr = driver.ipc_open(infos[r][0]["probe"])
-                driver.ipc_close(ptr)
-        if index == 0 and not alone:
-            Mailbox.create(path, _CAPACITIES, len(local))
-    except (CUDAError, OSError) as exc:
+                driver.ipc_close(driver.ipc_open(gathered[r][1]["probe"]))
+    except CUDAError as exc:
         problem = f"rank {rank}: {exc}"
-    problems = _gather(problem, group, device)
-    if any(problems) and index == 0 and not alone:
-        _unlink(path)
-    _raise_problems(problems)
-    mailbox = None
-    if not alone:
-        same_pids = all(infos[r][0]["pidns"] == mine["pidns"] for r in local)
-        pids = [infos[r][0]["pid"] for r in local]
-
-        def alive(peer: int) -> bool:
-            if not same_pids:
-                return True  # another container's pids mean nothing here
-            try:
-                os.kill(pids[peer], 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-            return True
-
-        try:
-            mailbox = Mailbox(path, index, _CAPACITIES, len(local), alive)
-        except OSError as exc:
-            problem = f"rank {rank}: cannot map {path}: {exc}"
-    problems = _gather(problem, group, device)
-    if index == 0 and not alone:
-        _unlink(path)  # every rank has it mapped (or failed); nothing to leak on a crash
+    mailbox, problems = _node.open_mailbox(
+        rank, infos, _CAPACITIES, lambda p: _node.gather(p, group, device), problem
+    )
     _raise_problems(problems)
     del probe
     if mailbox is None:
@@ -216,7 +156,7 @@ def connect(
     for r in local:
         if r == rank:
             continue
-        ready_handle, done_handle = infos[r][0]["events"]
+        ready_handle, done_handle = gathered[r][1]["events"]
         peers[r] = _Peer(
             rank=r,
             index=local.index(r),
@@ -224,13 +164,6 @@ def connect(
             done=_open_event(device, done_handle),
         )
     return Node(mailbox, ready, done, peers)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _open_event(device: torch.device, handle: bytes) -> torch.cuda.Event:
@@ -309,6 +242,10 @@ class IPCTransport(CudaTransport):
         self._is_local = np.zeros(world_size, dtype=bool)  # by group rank
         self._is_local[list(self._peers)] = True
         self._remote = remote
+        self._gather = None
+        if node is not None:
+            indices = {r: peer.index for r, peer in self._peers.items()}
+            self._gather = _node.NodeGather(node.mailbox, _GATHER, rank, indices, world_size)
         self._driver = Driver.get()
         self._copy_stream: torch.cuda.Stream | None = None
         self._batches = 0
@@ -337,18 +274,9 @@ class IPCTransport(CudaTransport):
     def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
         if self._remote is not None:
             return self._remote.all_gather(local, deadline)
-        if self._node is None:  # alone in the group
+        if self._gather is None:  # alone in the group
             return local.unsqueeze(0).clone()
-        mailbox = self._node.mailbox
-        data = local.contiguous().numpy().tobytes()
-        indices = [peer.index for peer in self._peers.values()]
-        got = mailbox.exchange(_GATHER, dict.fromkeys(indices, data), indices, deadline)
-        out = torch.empty((self.world_size, *local.shape), dtype=local.dtype)
-        out[self.rank] = local
-        for peer in self._peers.values():
-            row = torch.frombuffer(bytearray(got[peer.index]), dtype=local.dtype)
-            out[peer.rank] = row.view(local.shape)
-        return out
+        return self._gather.all_gather(local, deadline)
 
     def gather_into(self, mine: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover
         raise AssertionError("all_gather goes through the mailbox or the remote transport")
