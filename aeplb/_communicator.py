@@ -303,8 +303,8 @@ class Communicator:
 
     def _share_node(self) -> None:
         """Moves the manifests' all-gather to shared memory where every rank of the group
-        runs on this node: an exchange there takes tens of microseconds, where Gloo's or
-        NCCL's all-gather takes about half a millisecond. Collective, at creation; the
+        runs on this node: a mailbox exchange takes tens of microseconds, an all-gather
+        through Gloo or NCCL half a millisecond or more. Collective, at creation; the
         set-up goes through the transport's own all-gather, with the warm-up's deadline.
         """
         if self.world_size == 1:
@@ -313,8 +313,10 @@ class Communicator:
         deadline = None if timeout is None else time.monotonic() + timeout
         transport = self._transport
 
+        def gather(local: torch.Tensor) -> torch.Tensor:
+            return transport.all_gather(local, deadline)
+
         def work() -> None:
-            gather = lambda t: transport.all_gather(t, deadline)  # noqa: E731
             self._gather = node_gather(gather, self.rank, self.world_size)
 
         job = self._worker.submit(lambda: self._guarded(work))

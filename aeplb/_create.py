@@ -149,9 +149,10 @@ def create_communicator(
             op lists which do not pair up raise PeerMismatchError on every rank instead of
             hanging. With it on, every rank of the group must call ``execute()`` for every
             batch, even with nothing queued. Where every rank of the group runs on one
-            node, the manifests go through shared memory (set up at creation; tens of
-            microseconds instead of an all-gather of about half a millisecond); on ipc
-            they ride with the buffer descriptors, so the check adds no round trip.
+            node, the manifests go through shared memory, set up at creation (so creation
+            waits for every rank even with ``warm_up=False``; within the warm-up's
+            deadline); on ipc they ride with the buffer descriptors, so the check adds no
+            round trip.
             ``warm_up`` (bool, default True): run one tiny batch with every peer before
             returning, so that what a backend sets up on first use (NCCL's communicator and
             its connection to each peer: 0.2 to 0.7 s on two GPUs) happens now and not in
