@@ -307,11 +307,11 @@ class Communicator:
         through Gloo or NCCL half a millisecond or more. Collective, at creation; the
         set-up goes through the transport's own all-gather, with the warm-up's deadline.
         """
-        if self.world_size == 1:
-            return
+        transport = self._transport
+        if self.world_size == 1 or not self._check_peers or transport.checks_in_band:
+            return  # no manifest, or one that travels in the transport's own messages
         timeout = self._set_up_timeout()
         deadline = None if timeout is None else time.monotonic() + timeout
-        transport = self._transport
 
         def gather(local: torch.Tensor) -> torch.Tensor:
             return transport.all_gather(local, deadline)
@@ -322,12 +322,7 @@ class Communicator:
         job = self._worker.submit(lambda: self._guarded(work))
         limit = None if timeout is None else timeout + _GRACE_SECONDS
         if not job.wait(limit):
-            error = TransferTimeoutError(
-                f"setting up with the other ranks took more than {timeout} s"
-            )
-            with self._lock:
-                self._broken = self._broken or error
-            raise error
+            self._abandon(timeout, "setting up with the other ranks")
         job.result()
 
     def _set_up_timeout(self) -> float | None:
@@ -374,7 +369,7 @@ class Communicator:
             settled = threading.Event()
             pending.job.add_done_callback(settled.set)
             if not settled.wait(limit):
-                self._abandon(pending)
+                self._abandon(pending.timeout)
         finally:
             self._awaiting = False
         return self._finish(pending)
@@ -387,11 +382,11 @@ class Communicator:
         with anyio.move_on_after(limit):
             await pending.job.wait_async()
         if not pending.job.done():
-            self._abandon(pending)
+            self._abandon(pending.timeout)
 
-    def _abandon(self, pending: _Pending) -> None:
+    def _abandon(self, timeout: float | None, what: str = "the batch") -> None:
         error = TransferTimeoutError(
-            f"the batch did not finish within its {pending.timeout} s deadline and the "
+            f"{what} did not finish within its {timeout} s deadline and the "
             f"{self.backend} backend did not return; the communicator is broken, create a new one"
         )
         with self._lock:

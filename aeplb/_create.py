@@ -245,8 +245,7 @@ def create_communicator(
     transport = _make_transport(name, group, rank, world_size, dev, options)
     comm = Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
     try:
-        if check_peers and not transport.checks_in_band:
-            comm._share_node()
+        comm._share_node()
         if warm_up:
             comm._warm_up()
     except AEPLBError as exc:
