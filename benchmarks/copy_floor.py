@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aeplb.bench._spawn import Meeting, run_ranks
+from aeplb.bench._spawn import Meeting, enough_gpus, run_ranks
 from aeplb.bench._workloads import DSV3_EXPERT
 
 Result = dict[str, Any]
@@ -264,8 +264,7 @@ def nccl(args: argparse.Namespace) -> list[Result]:
 
 def main() -> int:
     args = parse_args()
-    if torch.cuda.device_count() < 2:
-        print("needs two CUDA GPUs", file=sys.stderr)
+    if not enough_gpus(2):
         return 2
     results: list[Result] = []
     if args.part in ("ce", "all"):

@@ -17,13 +17,12 @@ import sys
 import time
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import rank_device, run_pair
+from aeplb.bench._spawn import enough_gpus, rank_device, run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -68,11 +67,7 @@ async def _measure(rank: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> int:
     args = parse_args()
-    if not args.cpu and torch.cuda.device_count() < 1:
-        print(
-            "needs a CUDA GPU (two ranks share one; nccl and pynccl need two) or --cpu",
-            file=sys.stderr,
-        )
+    if not enough_gpus(1, args.cpu):
         return 2
     rows = run_pair(_measure, args)
     if rows is None:

@@ -18,12 +18,10 @@ import io
 import pstats
 import sys
 
-import torch
-
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import rank_device, run_pair
+from aeplb.bench._spawn import enough_gpus, rank_device, run_pair
 from aeplb.bench._workloads import eplb, many_small
 
 
@@ -73,11 +71,7 @@ async def _profile(rank: int, args: argparse.Namespace) -> str:
 
 def main() -> int:
     args = parse_args()
-    if not args.cpu and torch.cuda.device_count() < 1:
-        print(
-            "needs a CUDA GPU (two ranks share one; nccl and pynccl need two) or --cpu",
-            file=sys.stderr,
-        )
+    if not enough_gpus(1, args.cpu):
         return 2
     report = run_pair(_profile, args)
     if report is None:

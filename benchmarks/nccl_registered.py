@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aeplb.bench._spawn import rank_device, run_pair
+from aeplb.bench._spawn import enough_gpus, rank_device, run_pair
 from aeplb.bench._workloads import eplb, fill
 from aeplb.transports._libnccl import NCCLComm, NCCLLibrary
 
@@ -133,8 +133,7 @@ async def _main(rank: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
-    if torch.cuda.device_count() < 2:
-        print("needs two CUDA GPUs", file=sys.stderr)
+    if not enough_gpus(2):
         return 2
     results = run_pair(_main, args)
     if results is None:

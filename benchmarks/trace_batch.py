@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 import aeplb
 from aeplb.bench._driver import variants
 from aeplb.bench._pair import Pair
-from aeplb.bench._spawn import Meeting, init_rank, run_ranks
+from aeplb.bench._spawn import Meeting, enough_gpus, init_rank, run_ranks
 from aeplb.bench._workloads import eplb
 
 
@@ -99,8 +99,7 @@ async def _batch(rank: int, args: argparse.Namespace) -> tuple[profile, bool]:
 
 def main() -> int:
     args = parse_args()
-    if torch.cuda.device_count() < 2:
-        print("needs two CUDA GPUs", file=sys.stderr)
+    if not enough_gpus(2):
         return 2
     got = run_ranks(_rank, 2, args)
     if got is None:

@@ -49,6 +49,22 @@ def rank_device(rank: int, cpu: bool) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
+def enough_gpus(need: int, cpu: bool | None = None) -> bool:
+    """Whether a benchmark script can run here; if not, says on stderr what is missing.
+
+    ``cpu`` is the script's ``--cpu`` flag (None for a script without one): CPU ranks need
+    no GPU. With ``need`` 1, two ranks share the GPU, which NCCL refuses.
+    """
+    have = torch.cuda.device_count()
+    if cpu or have >= need:
+        return True
+    hint = " (two ranks share it; nccl and pynccl need two)" if need == 1 else ""
+    if cpu is not None:
+        hint += ", or run with --cpu"
+    print(f"needs {need} CUDA GPU(s), found {have}{hint}", file=sys.stderr)
+    return False
+
+
 def shares_gpus(world: int) -> bool:
     """Whether ``world`` GPU ranks must share GPUs here (then raw NCCL cannot run)."""
     return world > torch.cuda.device_count()
@@ -111,8 +127,9 @@ def _next(q: Any, procs: list[Any]) -> Any | None:
 
 def run_pair(main: Callable[[int, Any], Awaitable[Any]], args: Any) -> Any | None:
     """Runs ``await main(rank, args)`` on two spawned ranks of the default group (Gloo on
-    CPU with ``args.cpu``, else a GPU each) and returns what rank 0's returned; None once a
-    rank failed. ``main`` must be a module-level function, as spawn pickles it."""
+    CPU with ``args.cpu``, else a GPU each, or both on one where there is one) and returns
+    what rank 0's returned; None once a rank failed. ``main`` must be a module-level
+    function, as spawn pickles it."""
     return run_ranks(_pair_rank, 2, (main, args))
 
 
