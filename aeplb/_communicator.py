@@ -3,6 +3,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -18,10 +19,20 @@ from ._exceptions import (
     BusyCommunicatorError,
     ClosedCommunicatorError,
     InvalidTransferError,
+    PeerMismatchError,
     TransferTimeoutError,
+    short_error,
 )
-from ._ops import DTYPE_INFO, OpKind, OpQueue, PreparedBatch, check_op, prepare
-from ._runtime import Job, Worker
+from ._ops import (
+    DTYPE_INFO,
+    OpKind,
+    OpQueue,
+    PreparedBatch,
+    check_op,
+    prepare,
+    read_write_overlap,
+)
+from ._runtime import Job, Worker, WorkerStopped, in_event_loop
 from ._stats import CommunicatorStatistics, TransferStats
 from .transports._cudabase import CudaTransport
 from .transports._node import NodeGather, node_gather
@@ -74,6 +85,12 @@ def _check_timeout(timeout: object, where: str) -> float | None:
             f"(or None for no deadline), got {timeout!r}"
         )
     return float(timeout)
+
+
+def set_up_timeout(timeout: float | None) -> float | None:
+    """The deadline of set-up work: the timeout, but NCCL's set-up at scale takes
+    seconds, so at least WARM_UP_MIN_TIMEOUT; none without a timeout."""
+    return None if timeout is None else max(timeout, WARM_UP_MIN_TIMEOUT)
 
 
 def _check_bool(value: object, name: str) -> bool:
@@ -136,6 +153,7 @@ class Communicator:
         self._completed = 0
         self._failed = 0
         self._bytes = [0, 0, 0]  # sent, received, copied
+        self._warned_blocking = False
 
     # -- properties -------------------------------------------------------------------
 
@@ -219,7 +237,8 @@ class Communicator:
         # The usual op (a network op on a tensor the transport takes at a glance, of a
         # dtype seen before) is queued here, inline: the many-small benchmark queues 2000
         # per batch on the caller's thread, and each call or attribute read costs about
-        # 0.1 us of its 1 to 2. Keep it alike with OpQueue.add.
+        # 0.1 us of its 1 to 2. Keep it alike with OpQueue.add. Conjugate views can only
+        # be complex, and complex dtypes are not in DTYPE_INFO: they take the full checks.
         if (
             type(peer) is int
             and 0 <= peer < self._world_size
@@ -227,6 +246,8 @@ class Communicator:
             and isinstance(tensor, torch.Tensor)
             and tensor.layout is _STRIDED
             and tensor.is_contiguous()
+            and not tensor.is_nested
+            and not tensor.is_neg()
             and self._accepts(tensor)
         ):
             info = DTYPE_INFO.get(tensor.dtype)
@@ -326,9 +347,7 @@ class Communicator:
         job.result()
 
     def _set_up_timeout(self) -> float | None:
-        """The deadline of set-up work: the timeout, but NCCL's set-up at scale takes
-        seconds, so at least WARM_UP_MIN_TIMEOUT; none without a timeout."""
-        return None if self._timeout is None else max(self._timeout, WARM_UP_MIN_TIMEOUT)
+        return set_up_timeout(self._timeout)
 
     def _warm_up(self) -> None:
         """Runs one tiny batch with every peer and waits for it, uncounted.
@@ -417,10 +436,15 @@ class Communicator:
             rejected, batch = exc, PreparedBatch()
         ready = self._transport.capture_ready()
         status = _manifest.OK if rejected is None else _manifest.REJECTED
-        if self._enqueue_on_caller:
-            job = self._worker.submit(self._enqueue_here(batch, ready, deadline))
-        else:
-            job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
+        try:
+            if self._enqueue_on_caller:
+                job = self._worker.submit(self._enqueue_here(batch, ready, deadline))
+            else:
+                job = self._worker.submit(lambda: self._run(batch, ready, deadline, status))
+        except WorkerStopped as exc:  # closed from another thread since _check_usable
+            raise ClosedCommunicatorError(
+                "this communicator was closed while execute() was starting; nothing was sent"
+            ) from exc
         with self._lock:
             self._in_flight.append(job)
         job.add_done_callback(lambda: self._settle(job, batch, counted))
@@ -458,7 +482,8 @@ class Communicator:
             raise
         except TimeoutError as exc:
             error: AEPLBError = TransferTimeoutError(
-                f"the batch missed its deadline on rank {self.rank}: {exc}. A peer may be "
+                f"the batch missed its deadline on rank {self.rank}: {short_error(exc)}. A "
+                "peer may be "
                 "dead, stopped or not executing a matching batch; the communicator is broken, "
                 "create a new one"
             )
@@ -466,8 +491,8 @@ class Communicator:
             raise error from exc
         except Exception as exc:
             error = BrokenCommunicatorError(
-                f"the {self.backend} backend failed on rank {self.rank}: {exc}. A peer may "
-                "have died; the communicator is broken, create a new one"
+                f"the {self.backend} backend failed on rank {self.rank}: {short_error(exc)}. "
+                "A peer may have died; the communicator is broken, create a new one"
             )
             self._break(error, exc)
             raise error from exc
@@ -483,6 +508,10 @@ class Communicator:
         started = time.monotonic()
         check_seconds = 0.0
 
+        clash = read_write_overlap(batch)
+        if clash is not None:
+            status = _manifest.REJECTED
+
         def work() -> None:
             nonlocal check_seconds
             run = batch
@@ -494,9 +523,17 @@ class Communicator:
                     gather = self._gather or self._transport
                     _manifest.check(local, lambda t: gather.all_gather(t, deadline), self.rank)
                 check_seconds = time.monotonic() - started
+            elif clash is not None:
+                return  # no manifest to tell the peers with
             self._transport.run(run, ready, deadline)
 
-        self._guarded(work)
+        try:
+            self._guarded(work)
+        except PeerMismatchError:
+            if clash is None:
+                raise
+        if clash is not None:  # the peers were told through the manifest: nothing moved
+            raise InvalidTransferError(f"rank {self.rank}: {clash}")
         return _Outcome(time.monotonic() - started, check_seconds)
 
     def _break(self, error: AEPLBError, cause: BaseException) -> None:
@@ -584,11 +621,27 @@ class Communicator:
 
     def _close_parts(self) -> None:
         """Runs on the worker thread, after every batch handed to it."""
+        _close_parts(self._transport, self._gather)
+
+    def __del__(self) -> None:
+        # An unclosed communicator would keep its worker thread (and the transport's
+        # sockets or CUDA resources) until the process exits.
+        if getattr(self, "_closed", True):
+            return  # closed, or __init__ failed before there was anything to release
+        self._closed = True
+        warnings.warn(
+            f"unclosed {self!r}: call `await comm.aclose()` or use `async with comm`",
+            ResourceWarning,
+            source=self,
+            stacklevel=2,
+        )
+        # the job must not hold self: this object is going away
+        transport, gather = self._transport, self._gather
         try:
-            self._transport.close()
-        finally:
-            if self._gather is not None:
-                self._gather.close()
+            self._worker.submit(lambda: _close_parts(transport, gather))
+        except WorkerStopped:
+            pass
+        self._worker.stop()
 
     def _close_blocking(self) -> None:
         job = self._begin_close()
@@ -627,6 +680,14 @@ class Communicator:
         )
 
 
+def _close_parts(transport: Transport, gather: NodeGather | None) -> None:
+    try:
+        transport.close()
+    finally:
+        if gather is not None:
+            gather.close()
+
+
 class BlockingCommunicator:
     """The reference four-method interface over a :class:`Communicator`.
 
@@ -651,8 +712,23 @@ class BlockingCommunicator:
         self._comm.add_recv(tensor, src_rank)
 
     def execute(self, timeout: float | None = None) -> TransferStats:
-        """Runs every queued op as one batch, blocking until it is done."""
-        return self._comm._execute_blocking(timeout)
+        """Runs every queued op as one batch, blocking until it is done.
+
+        Called from a thread that runs an event loop, it blocks that loop too: it works
+        (engines do it on purpose) and warns once per communicator; async code should
+        ``await comm.communicator.execute()`` instead.
+        """
+        comm = self._comm
+        if not comm._warned_blocking and in_event_loop():
+            comm._warned_blocking = True
+            warnings.warn(
+                "BlockingCommunicator.execute() was called from a running event loop, which "
+                "it blocks until the batch ends; use `await comm.execute()` to keep the loop "
+                "serving",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return comm._execute_blocking(timeout)
 
     def set_stream(self, stream: torch.cuda.Stream | None) -> None:
         """Runs later transfers on ``stream``."""

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import weakref
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
-from ._communicator import Communicator, _check_bool, _check_timeout
-from ._exceptions import AEPLBError, BackendUnavailableError, InvalidTransferError
-from .transports._base import Transport, check_positive
+from ._communicator import Communicator, _check_bool, _check_timeout, set_up_timeout
+from ._exceptions import AEPLBError, BackendUnavailableError, InvalidTransferError, short_error
+from .transports._base import Transport
 
 BACKENDS = ("auto", "nccl", "pynccl", "gloo", "ipc")
 # Gloo over one TCP connection tops out near 1.8 GB/s; staging CUDA tensors wants more.
@@ -22,6 +23,35 @@ _OPTIONS = {
     "gloo": frozenset({"chunk_bytes", "staging_bytes", "stripes"}),
     "pynccl": _CUDA_OPTIONS | {"nccl_library"},
 }
+
+
+# Open communicators whose batches travel on the caller's group, with that group.
+_posting: weakref.WeakKeyDictionary[Communicator, dist.ProcessGroup] = weakref.WeakKeyDictionary()
+
+
+def _claim(group: dist.ProcessGroup, transport: Transport) -> None:
+    """Refuses a second communicator that would post on ``group``: NCCL matches
+    point-to-point messages by peer and order alone, so two communicators' batches on one
+    group would receive each other's data. Every rank refuses alike (creation is
+    collective, so every rank has the same communicators open)."""
+    for comm, used in list(_posting.items()):
+        state = comm.statistics()
+        if used is group and not (state.closed or state.broken):
+            transport.close()
+            raise InvalidTransferError(
+                f"create_communicator: {comm!r} already sends its batches over this "
+                f"process group, and a second {transport.name} communicator on it would mix "
+                "data with it; close that one first, or give each its own group "
+                "(torch.distributed.new_group(backend='nccl'), called on every rank)"
+            )
+
+
+def _set_up_failed(rank: int, exc: BaseException) -> BackendUnavailableError:
+    return BackendUnavailableError(
+        f"create_communicator: the first exchange with every peer failed on rank {rank} "
+        f"({short_error(exc)}); every rank of the group must create the communicator, with "
+        "the same options"
+    )
 
 
 def default_stripes(world_size: int) -> int:
@@ -55,6 +85,7 @@ def _make_transport(
     world_size: int,
     device: torch.device | None,
     options: dict[str, Any],
+    timeout: float | None,
 ) -> Transport:
     """Builds the transport; ``options`` hold only names ``_OPTIONS`` allows for ``name``."""
     backends = _group_backends(group)
@@ -65,13 +96,16 @@ def _make_transport(
                 f"{backends!r}; pass group=torch.distributed.new_group(backend='gloo') "
                 "(called on every rank)"
             )
-        from .transports.gloo import GlooTransport, make_stripes
+        from .transports.gloo import GlooTransport
 
         stripes = options.pop("stripes", default_stripes(world_size))
-        check_positive("stripes", stripes)
-        extra = make_stripes(group, rank, world_size, stripes - 1)
         # what is left are the names _OPTIONS["gloo"] allowed: chunk_bytes, staging_bytes
-        return GlooTransport(group, rank, world_size, device=device, stripes=extra, **options)
+        gloo = GlooTransport(rank, world_size, stripes=stripes, device=device, **options)
+        try:
+            gloo.connect(group, set_up_timeout(timeout))
+        except Exception as exc:
+            raise _set_up_failed(rank, exc) from exc
+        return gloo
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             f"backend={name!r} needs CUDA, but torch.cuda.is_available() is False here "
@@ -242,17 +276,17 @@ def create_communicator(
             f"create_communicator() got unknown option(s) {sorted(unknown)}; "
             "see help(aeplb.create_communicator)"
         )
-    transport = _make_transport(name, group, rank, world_size, dev, options)
+    transport = _make_transport(name, group, rank, world_size, dev, options, timeout)
+    if transport.posts_on_group:
+        _claim(group, transport)
     comm = Communicator(transport, timeout=timeout, check_peers=check_peers, enqueue_on=enqueue_on)
+    if transport.posts_on_group:
+        _posting[comm] = group
     try:
         comm._share_node()
         if warm_up:
             comm._warm_up()
     except AEPLBError as exc:
         comm._close_blocking()
-        raise BackendUnavailableError(
-            f"create_communicator: the first exchange with every peer failed on rank "
-            f"{rank} ({exc}); every rank of the group must create the communicator, with "
-            "the same options"
-        ) from exc
+        raise _set_up_failed(rank, exc) from exc
     return comm

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 
 class AEPLBError(Exception):
     """Base class of every error aeplb raises on purpose."""
@@ -51,3 +53,21 @@ class BusyCommunicatorError(AEPLBError, RuntimeError):
 
 class BackendUnavailableError(AEPLBError, RuntimeError):
     """Raised when the requested backend cannot run here; the message says what is missing."""
+
+
+# "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] " and the like
+_SOURCE_LOCATION = re.compile(r"\[[^\]\s]*\.(?:cc|cpp|cu|h|hpp):\d+\]\s*")
+_MAX_DETAIL = 200
+
+
+def short_error(exc: BaseException) -> str:
+    """A backend error as one short line for aeplb's own messages: its first sentence or
+    line, without C++ source locations or Gloo's chatter; ``__cause__`` keeps it whole."""
+    text = _SOURCE_LOCATION.sub("", str(exc)).replace("GLHF!", "")
+    text = text.encode("ascii", "ignore").decode()  # Gloo signs off with an emoji
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = " ".join(lines[0].split()) if lines else type(exc).__name__
+    if len(first) > _MAX_DETAIL:
+        end = first.find(". ", 40)
+        first = first[: end + 1] if 0 < end < _MAX_DETAIL else first[: _MAX_DETAIL - 3] + "..."
+    return first

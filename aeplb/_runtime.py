@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
+import torch
 
 T = TypeVar("T")
 
@@ -80,6 +82,24 @@ class Job(Generic[T]):
         await event.wait()
 
 
+def in_event_loop() -> bool:
+    """Whether this thread is running an asyncio (uvloop) or trio event loop now."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return True
+    trio = sys.modules.get("trio")  # never imported here: only if the caller runs trio
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _noop() -> Any:
     return None
 
@@ -101,6 +121,20 @@ def _loop_caller() -> Callable[[Callable[[], object]], object]:
     return trio.lowlevel.current_trio_token().run_sync_soon
 
 
+class WorkerStopped(RuntimeError):
+    """Raised by ``Worker.submit`` once the worker was told to stop."""
+
+
+def transfer_mode() -> torch.inference_mode:
+    """The autograd mode aeplb's own threads move data in.
+
+    Transfers are never recorded by autograd, as with the reference communicators, and
+    inference mode (unlike ``no_grad``) also lets them write into inference tensors and into
+    parameters that require grad. Thread-local: every thread that copies enters it.
+    """
+    return torch.inference_mode()
+
+
 class Worker:
     """One daemon thread that runs jobs in submission order.
 
@@ -114,6 +148,9 @@ class Worker:
             target=self._main, name=f"{name}-{next(_worker_ids)}", daemon=True
         )
         self._stopping = False
+        # submit() and stop() from different threads: a job put after the stop marker
+        # would never run, and whoever waits for it would wait forever
+        self._lock = threading.Lock()
         self._thread.start()
 
     @property
@@ -121,21 +158,24 @@ class Worker:
         return self._thread
 
     def submit(self, fn: Callable[[], T]) -> Job[T]:
-        if self._stopping:
-            raise RuntimeError("worker is stopping")
         job = Job(fn)
-        self._queue.put(job)
+        with self._lock:
+            if self._stopping:
+                raise WorkerStopped("worker is stopping")
+            self._queue.put(job)
         return job
 
     def stop(self) -> None:
         """Lets queued jobs finish, then ends the thread (does not wait for it)."""
-        if not self._stopping:
-            self._stopping = True
-            self._queue.put(None)
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(None)
 
     def _main(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            job._run()
+        with transfer_mode():
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                job._run()

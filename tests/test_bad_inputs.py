@@ -110,10 +110,10 @@ def test_create_communicator(
 def test_unknown_option_is_refused_before_the_transport_exists(one_rank_group: None) -> None:
     from aeplb.transports import gloo
 
-    before = dict(gloo._STRIPE_SETS)
+    before = gloo.groups_made
     with pytest.raises(TypeError, match="frobnicate"):
         aeplb.create_communicator("gloo", stripes=3, frobnicate=True)
-    assert dict(gloo._STRIPE_SETS) == before, "stripe groups were made for a rejected call"
+    assert gloo.groups_made == before, "groups were made for a rejected call"
 
 
 @pytest.mark.anyio

@@ -26,6 +26,9 @@ class Transport(abc.ABC):
     # True when run() checks batch.manifest itself, carried in messages it exchanges
     # anyway, so the communicator skips its own all-gather of the manifests.
     checks_in_band: bool = False
+    # True when batches travel on the caller's process group: a second communicator on
+    # that group would post the same (peer, tag) pairs, and the two would mix their data.
+    posts_on_group: bool = False
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank

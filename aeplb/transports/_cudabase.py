@@ -9,6 +9,7 @@ from .. import _cuda
 from .._ops import PreparedBatch, group_chunks
 from ._base import Transport
 from ._packing import DEFAULT_STAGING_BYTES, Packer, WireOp
+from ._streams import as_bytes
 
 # Large p2p groups are known to hang on the GPU; SGLang settled on 32 ops per group.
 DEFAULT_MAX_OPS_PER_GROUP = 64
@@ -104,7 +105,7 @@ class CudaTransport(Transport):
     def self_copies(batch: PreparedBatch) -> None:
         """Enqueues the batch's copies to itself on the current stream."""
         for src, dst in batch.copies:
-            dst.view(-1).copy_(src.view(-1), non_blocking=True)
+            as_bytes(dst).copy_(as_bytes(src), non_blocking=True)
 
     def wait(self, done: torch.cuda.Event, deadline: float | None) -> None:
         try:

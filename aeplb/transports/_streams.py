@@ -10,6 +10,8 @@ worker would hold the GIL from the event loop's thread.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +28,49 @@ FEW = 64
 # average size, a piece is gathered through byte views and torch.cat after all.
 SMALL = 1 << 20
 
+# Tensors per call of a many-tensor kernel: parsing the list and wrapping what comes back
+# hold the GIL (about 1.6 us per tensor on CPU), so one call over 100,000 tensors kept the
+# event loop's thread waiting 160 ms. Between slices the worker lets go of the GIL.
+SLICE = 1024
+
 _chunk_cat = getattr(torch, "_chunk_cat", None)  # torch >= 2.4
+
+# Dtypes that cat, _chunk_cat, copy_ and _foreach_copy_ handle on CPU and CUDA alike.
+# Any other (float4, sub-byte ints, bits, uint16 and wider) moves as bytes: torch has
+# no such kernels for several of them ("cat_serial_kernel not implemented").
+TYPED_DTYPES = frozenset(
+    {
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    }
+)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.view(-1)  # queued tensors are contiguous
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _let_go() -> None:
+    """Releases the GIL for a moment, so a thread waiting for it (the event loop's) can
+    take it now rather than after the interpreter's switch interval."""
+    time.sleep(0)
+
+
+def _slices(count: int) -> range:
+    return range(0, count, SLICE)
 
 
 @dataclass
@@ -87,22 +126,66 @@ def _typed(piece: Piece, buf: torch.Tensor) -> torch.Tensor | None:
     return buf.view(dtype)
 
 
+def _offsets(piece: Piece) -> list[int]:
+    """Element offsets in the typed buffer where each slice of whole tensors starts."""
+    assert piece.numels is not None
+    ends = np.concatenate(([0], np.cumsum(piece.numels)))
+    return [int(ends[i]) for i in [*_slices(len(piece.whole)), len(piece.whole)]]
+
+
 def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
     typed = _typed(piece, buf)
     small = buf.numel() <= SMALL * len(piece.whole)
     if typed is not None and same_device and small and _chunk_cat is not None:
-        _chunk_cat(piece.whole, 0, 1, out=typed.view(1, -1))
+        # _chunk_cat wants every tensor at least 1-D (a 0-d one crashed the process);
+        # element counts tell: only a 1-element tensor can be 0-d
+        flat = piece.numels is not None and bool((piece.numels > 1).all())
+        _typed_slices(piece, typed, _chunk_cat_into if flat else _flatten_into)
     elif typed is not None and not same_device:
-        parts = torch._C._nn.unflatten_dense_tensors(typed, list(piece.whole))
-        torch._foreach_copy_(parts, piece.whole, non_blocking=non_blocking)
+
+        def copy(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            parts = torch._C._nn.unflatten_dense_tensors(out, list(whole))
+            torch._foreach_copy_(parts, whole, non_blocking=non_blocking)
+
+        _typed_slices(piece, typed, copy)
     elif same_device:
-        torch.cat([as_bytes(t) for t in piece.whole], out=buf)
+        pos = 0
+        for k, i in enumerate(_slices(len(piece.whole))):
+            if k:
+                _let_go()
+            views = [as_bytes(t) for t in piece.whole[i : i + SLICE]]
+            size = sum(v.numel() for v in views)
+            torch.cat(views, out=buf[pos : pos + size])
+            pos += size
     else:
         pos = 0
         for t in piece.whole:
             view = as_bytes(t)
             buf[pos : pos + view.numel()].copy_(view, non_blocking=non_blocking)
             pos += view.numel()
+
+
+def _chunk_cat_into(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    assert _chunk_cat is not None
+    _chunk_cat(whole, 0, 1, out=out.view(1, -1))
+
+
+def _flatten_into(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+    out.copy_(torch._C._nn.flatten_dense_tensors(list(whole)))
+
+
+def _typed_slices(
+    piece: Piece,
+    typed: torch.Tensor,
+    kernel: Callable[[tuple[torch.Tensor, ...], torch.Tensor], None],
+) -> None:
+    """Runs ``kernel(tensors, their part of typed)`` over the whole tensors, SLICE at a
+    time, letting go of the GIL between calls."""
+    whole, offsets = piece.whole, _offsets(piece)
+    for k, i in enumerate(_slices(len(whole))):
+        if k:
+            _let_go()
+        kernel(whole[i : i + SLICE], typed[offsets[k] : offsets[k + 1]])
 
 
 def _scatter_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
@@ -121,14 +204,22 @@ def _scatter_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_block
         torch.split_with_sizes_copy(typed, sizes, 0, out=list(piece.whole))
         return
     if typed is not None:
-        parts = torch._C._nn.unflatten_dense_tensors(typed, list(piece.whole))
-        torch._foreach_copy_(piece.whole, parts, non_blocking=non_blocking)
+
+        def copy(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            parts = torch._C._nn.unflatten_dense_tensors(out, list(whole))
+            torch._foreach_copy_(list(whole), parts, non_blocking=non_blocking)
+
+        _typed_slices(piece, typed, copy)
         return
     views = [as_bytes(t) for t in piece.whole]
     # a few: one memcpy each, on the copy engines, taking no SMs from the NCCL kernel
     # running beside them; past that the launches cost more than the SMs
     if len(views) > FEW and same_device:
-        torch._foreach_copy_(views, list(torch.split(buf, [v.numel() for v in views])))
+        parts = list(torch.split(buf, [v.numel() for v in views]))
+        for k, i in enumerate(_slices(len(views))):
+            if k:
+                _let_go()
+            torch._foreach_copy_(views[i : i + SLICE], parts[i : i + SLICE])
         return
     pos = 0
     for v in views:
@@ -201,6 +292,8 @@ class ByteStream:
         dtype = numels = None
         if b > a and self._kinds[a] == self._kinds[b - 1]:
             dtype, numels = dtype_of(int(self._codes[a])), self._numels[a:b]
+            if dtype not in TYPED_DTYPES:
+                dtype = None  # moved as bytes
         return Piece(
             stop - start,
             head=head,

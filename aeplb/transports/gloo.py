@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -28,20 +29,22 @@ from typing import Protocol, cast
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import PrefixStore
 
 from .. import _cuda
 from .._exceptions import BackendUnavailableError, InvalidTransferError
 from .._ops import OpKind, PreparedBatch
 from ._base import Transport, check_positive
-from ._streams import ByteStream, Piece, byte_streams
+from ._streams import ByteStream, Piece, as_bytes, byte_streams
 
 
 class Channel(Protocol):
-    """A group pieces travel on: the communicator's own, or a stripe made for it."""
+    """A Gloo group made for one communicator (see ``private_groups``)."""
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int, /) -> dist.Work: ...
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int, /) -> dist.Work: ...
+    def allgather(
+        self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], /
+    ) -> dist.Work: ...
 
 
 MAX_DEFAULT_CHUNK_BYTES = 8 << 20
@@ -134,18 +137,20 @@ class GlooTransport(Transport):
 
     def __init__(
         self,
-        group: dist.ProcessGroup,
         rank: int,
         world_size: int,
         *,
+        stripes: int = 1,
         device: torch.device | None = None,
         chunk_bytes: int | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
-        stripes: list[Channel] | None = None,
     ) -> None:
+        """Checks the options; ``connect()`` then makes the groups (collective)."""
         super().__init__(rank, world_size)
-        self._groups: list[Channel] = [cast(Channel, group), *(stripes or [])]
-        lanes = self._lane_count = 2 * max(world_size - 1, 1) * len(self._groups)
+        check_positive("stripes", stripes)
+        self._stripes = stripes
+        self._groups: list[Channel] = []
+        lanes = self._lane_count = 2 * max(world_size - 1, 1) * stripes
         check_positive("staging_bytes", staging_bytes)
         if chunk_bytes is None:
             chunk_bytes = default_chunk_bytes(staging_bytes, lanes)
@@ -157,7 +162,6 @@ class GlooTransport(Transport):
                 f"(peer, direction) lanes one {chunk_bytes}-byte slot; raise staging_bytes to "
                 f"at least {lanes * chunk_bytes} or lower chunk_bytes (same on every rank)"
             )
-        self._group = group
         self._chunk = chunk_bytes
         self._device: torch.device | None = None
         if device is not None and device.type == "cuda":
@@ -175,6 +179,10 @@ class GlooTransport(Transport):
         self._cuda_lock = threading.Lock()
         # held by a lane while it cuts a piece and queues its copy (see the module docstring)
         self._copy_lock = threading.Lock()
+
+    def connect(self, group: dist.ProcessGroup, timeout: float | None) -> None:
+        """Makes this transport's own groups of ``group``'s members (collective)."""
+        self._groups = private_groups(group, self.rank, self.world_size, self._stripes, timeout)
 
     # -- caller thread -----------------------------------------------------------------
 
@@ -225,16 +233,14 @@ class GlooTransport(Transport):
 
     def all_gather(self, local: torch.Tensor, deadline: float | None) -> torch.Tensor:
         out = [torch.empty_like(local) for _ in range(self.world_size)]
-        work = dist.all_gather(out, local, group=self._group, async_op=True)
-        assert work is not None
-        wait_work(work, deadline)
+        wait_work(self._groups[0].allgather([out], [local]), deadline)
         return torch.stack(out)
 
     def run(self, batch: PreparedBatch, ready: object | None, deadline: float | None) -> None:
         on_cuda = any(t.is_cuda for t in batch.all_tensors())
         if not on_cuda:
             for src, dst in batch.copies:
-                dst.view(-1).copy_(src.view(-1))
+                as_bytes(dst).copy_(as_bytes(src))
             self._run_direct(batch, deadline)
             return
         self._ensure_cuda()
@@ -247,7 +253,7 @@ class GlooTransport(Transport):
         if batch.copies:
             with torch.cuda.stream(h2d):
                 for src, dst in batch.copies:
-                    dst.view(-1).copy_(src.view(-1), non_blocking=True)
+                    as_bytes(dst).copy_(as_bytes(src), non_blocking=True)
                 copies_done = _cuda.new_event()
                 copies_done.record(h2d)
         self._run_lanes(batch, ready if isinstance(ready, torch.cuda.Event) else None, deadline)
@@ -429,38 +435,40 @@ class GlooTransport(Transport):
             self._lanes.shutdown(wait=True)
             self._lanes = None
         self._pool = None
-        del self._groups[1:]  # the stripes are this transport's own: their sockets close
+        self._groups.clear()  # this transport's own: their sockets close
 
 
-# Stripe sets made so far per group name. Every member creates its communicators on a
-# group in the same order (creation is collective), so the count names a set alike on all.
-_STRIPE_SETS: collections.Counter[str] = collections.Counter()
+# Private groups made so far in this process (for tests: a refused call makes none).
+groups_made = 0
 
 
-def make_stripes(group: dist.ProcessGroup, rank: int, world_size: int, count: int) -> list[Channel]:
+def private_groups(
+    group: dist.ProcessGroup, rank: int, world_size: int, count: int, timeout: float | None
+) -> list[Channel]:
     """``count`` Gloo groups of ``group``'s members, for one communicator alone.
 
+    Collective over ``group``. A communicator never posts on the caller's group: two
+    communicators on one group would match each other's messages (same peers, same tags),
+    and the model's own traffic could too. Rank 0 draws the groups' name and sends it to
+    the others through ``group``, so the name is new whatever this process made before
+    (a per-process count of groups went out of step when a rank was replaced and the
+    group made anew, and both ranks then waited for each other forever).
+
     They are not registered with torch.distributed, so dropping them closes their
-    connections: ``dist.new_group`` groups would stay open until the process exits, and
-    destroying one lets a later group reuse its name, and with it the stale addresses its
-    peers left in the store.
+    connections. ``timeout`` (seconds; None: torch's default for Gloo) bounds the set-up.
     """
-    if count < 1:
-        return []
-    name = group.group_name
-    serial = _STRIPE_SETS[name]
-    _STRIPE_SETS[name] += 1
+    global groups_made
+    deadline = None if timeout is None else time.monotonic() + timeout
+    name = torch.tensor([uuid.uuid4().int >> 65 if rank == 0 else 0], dtype=torch.int64)
+    work = dist.broadcast(name, dist.get_global_rank(group, 0), group=group, async_op=True)
+    assert work is not None
+    wait_work(work, deadline)
     # the store every rank reached at init_process_group: no public accessor returns it
     store = dist.distributed_c10d._get_default_store()
-    return [
-        cast(
-            Channel,
-            dist.ProcessGroupGloo(
-                PrefixStore(f"aeplb/stripes/{name}/{serial}/{k}/", store),
-                rank,
-                world_size,
-                timedelta(minutes=30),  # torch's default for Gloo groups
-            ),
-        )
-        for k in range(count)
-    ]
+    prefix = f"aeplb/gloo/{int(name.item()):x}"
+    left = timedelta(minutes=30) if deadline is None else _remaining(deadline)
+    assert left is not None
+    groups_made += count
+    prefixed = dist.PrefixStore  # type: ignore[attr-defined]  # public; not in __all__
+    stores = [prefixed(f"{prefix}/{k}/", store) for k in range(count)]
+    return [cast(Channel, dist.ProcessGroupGloo(s, rank, world_size, left)) for s in stores]

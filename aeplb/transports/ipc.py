@@ -258,6 +258,10 @@ class IPCTransport(CudaTransport):
         self._copy_batch = self._driver.has_copy_batch
 
     @property
+    def posts_on_group(self) -> bool:  # type: ignore[override]
+        return self._remote is not None  # ranks on other nodes: NCCL on the caller's group
+
+    @property
     def checks_in_band(self) -> bool:  # type: ignore[override]
         # The descriptor exchange reaches every rank only when no rank is on another node.
         return self._remote is None

@@ -14,6 +14,7 @@ from ._packing import WireOp
 
 class NCCLTransport(CudaTransport):
     name = "nccl"
+    posts_on_group = True
 
     def __init__(
         self,
