@@ -6,8 +6,10 @@ over nodes, global otherwise), vectorised over layers with numpy.
 
 from __future__ import annotations
 
+import numbers
 import operator
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +22,10 @@ __all__ = ["Placement", "rebalance_experts"]
 
 _Int = npt.NDArray[np.int64]
 _Float = npt.NDArray[np.float64]
+_T = TypeVar("_T")
+
+
+_LOAD_RULE = "loads must be real, finite and non-negative, and their per-layer sums must be finite"
 
 
 class Placement(NamedTuple):
@@ -49,8 +55,9 @@ def rebalance_experts(
     Otherwise a global policy is used (one group, one node), as in DeepSeek's EPLB.
 
     Args:
-        load: [L, E] non-negative, finite load per layer and logical expert (tensor or
-            array-like).
+        load: [L, E] load per layer and logical expert (tensor or array-like of real
+            numbers): finite, non-negative, and each layer's sum finite in float64 (only
+            the loads' relative sizes matter, so scale large ones down).
         num_replicas: R, the number of physical slots per layer; a multiple of ``num_gpus``
             and at least E.
         num_groups: number of expert groups (E must be a multiple of it when the policy is
@@ -65,7 +72,9 @@ def rebalance_experts(
         A :class:`Placement` ``(phy2log, log2phy, logcnt)`` of CPU int64 tensors.
 
     Raises:
-        InvalidTransferError: if an argument is malformed or the sizes are inconsistent.
+        InvalidTransferError: if an argument is malformed (a complex, non-numeric or
+            non-finite load included, or one whose per-layer sum overflows float64) or the
+            sizes are inconsistent.
     """
     weight = _as_load(load)
     num_layers, num_experts = weight.shape
@@ -74,6 +83,7 @@ def rebalance_experts(
     num_nodes = _positive_int(num_nodes, "num_nodes")
     num_gpus = _positive_int(num_gpus, "num_gpus")
     _check_sizes(num_experts, num_replicas, num_groups, num_nodes, num_gpus)
+    _check_sums(weight)
     if num_groups % num_nodes != 0:
         num_groups, num_nodes = 1, 1
     cur = None if current is None else _as_current(current, num_layers, num_replicas, num_experts)
@@ -94,16 +104,7 @@ def rebalance_experts(
 
 
 def _as_load(load: Any) -> _Float:
-    try:
-        if isinstance(load, torch.Tensor):
-            arr = load.detach().to("cpu", torch.float64).numpy()
-        else:
-            arr = np.asarray(load, dtype=np.float64)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise InvalidTransferError(
-            f"load: cannot be read as a numeric [layers, experts] array ({exc}); "
-            "pass a 2-D tensor or array of numbers"
-        ) from exc
+    arr = _real_array(load)
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InvalidTransferError(
             f"load: expected a non-empty 2-D [layers, experts] array, got shape {arr.shape}; "
@@ -111,13 +112,65 @@ def _as_load(load: Any) -> _Float:
         )
     if not np.isfinite(arr).all():
         raise InvalidTransferError(
-            "load: contains NaN or infinite values; replace them with finite non-negative counts"
+            f"load: contains NaN or infinite values; {_LOAD_RULE}; replace them with finite "
+            "non-negative counts"
         )
     if (arr < 0).any():
         raise InvalidTransferError(
-            f"load: contains negative values (min {arr.min()}); loads must be >= 0"
+            f"load: contains negative values (min {arr.min()}); {_LOAD_RULE}"
         )
     return np.ascontiguousarray(arr)
+
+
+def _real_array(load: Any) -> _Float:
+    """``load`` as float64, refusing what a cast would change or could not read."""
+    if isinstance(load, torch.Tensor):
+        if load.is_complex():  # the cast would drop the imaginary part with only a warning
+            raise _complex_load(str(load.dtype))
+        return _read(lambda: load.detach().to("cpu", torch.float64).numpy())
+    arr = _read(lambda: np.asarray(load))
+    if arr.dtype.kind == "c":
+        raise _complex_load(str(arr.dtype))
+    if arr.dtype.kind == "O":
+        # float() would read "1" as 1.0 and take the real part of a numpy complex scalar.
+        for x in arr.flat:
+            if isinstance(x, (str, bytes)):
+                raise _not_numeric(type(x).__name__)
+            if isinstance(x, numbers.Complex) and not isinstance(x, numbers.Real):
+                raise _complex_load(type(x).__name__)
+    elif arr.dtype.kind not in "biuf":  # strings would parse, dates and timedeltas would cast
+        raise _not_numeric(str(arr.dtype))
+    with np.errstate(over="ignore"):  # too large for float64 becomes inf, refused below
+        return _read(lambda: arr.astype(np.float64, copy=False))
+
+
+def _complex_load(what: str) -> InvalidTransferError:
+    return InvalidTransferError(
+        f"load: holds complex values ({what}); {_LOAD_RULE}; pass the real loads "
+        "(e.g. .real or abs())"
+    )
+
+
+def _not_numeric(what: str) -> InvalidTransferError:
+    return InvalidTransferError(
+        f"load: holds non-numeric values ({what}); {_LOAD_RULE}; pass a 2-D tensor or "
+        "array of real numbers"
+    )
+
+
+def _read(convert: Callable[[], _T]) -> _T:
+    try:
+        return convert()
+    except OverflowError as exc:  # a Python int beyond float64
+        raise InvalidTransferError(
+            f"load: holds a value too large for float64 ({exc}); {_LOAD_RULE}; scale them down "
+            "(e.g. divide by their maximum)"
+        ) from exc
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise InvalidTransferError(
+            f"load: cannot be read as a real [layers, experts] array ({exc}); {_LOAD_RULE}; "
+            "pass a 2-D tensor or array of real numbers"
+        ) from exc
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -156,6 +209,21 @@ def _check_sizes(
         raise InvalidTransferError(
             f"num_groups: the {num_experts} experts do not split into {num_groups} equal "
             "groups; pass a num_groups that divides the expert count"
+        )
+
+
+def _check_sums(weight: _Float) -> None:
+    # Every sum the policy forms (a group's load, the load packed onto a node or a GPU) adds
+    # part of one layer's loads or of their per-replica shares, so it is at most the layer's
+    # total, up to rounding. Packs that overflow weigh inf like full ones, and the greedy
+    # packing then puts items into full packs (IndexError): a finite total rules that out.
+    with np.errstate(over="ignore"):
+        totals = weight.sum(axis=1)
+    bad = np.flatnonzero(~np.isfinite(totals))
+    if bad.size:
+        raise InvalidTransferError(
+            f"load: layer {int(bad[0])}'s loads sum to more than the float64 maximum; "
+            f"{_LOAD_RULE}; scale them down (e.g. divide by their maximum)"
         )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._communicator import MAX_TIMEOUT, Communicator
-from ._exceptions import InvalidTransferError
+from ._exceptions import InvalidTransferError, PeerMismatchError
 from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
 
 if TYPE_CHECKING:
@@ -142,37 +142,113 @@ async def rearrange_experts(
         logcnt: Optional [L, E] replica counts; rows of committed layers are recomputed.
         layers_in_flight: Layers holding staging buffers at once (>= 1; 1 is sequential).
         timeout: Deadline in seconds for each layer's batch; None uses the communicator's.
-        check_placements: First exchange a digest of both placements with every peer and
-            raise if any rank's differ (one small batch), so ranks never pair wrong experts.
+        check_placements: First exchange with every peer (one small batch) a digest of both
+            placements and whether the rank rejected its arguments, and raise on every rank
+            if any rank's placements differ or any rank rejected: ranks never pair wrong
+            experts, and a rank's bad argument stops them all before anything moves.
 
     Returns:
         A :class:`RearrangeStats`.
 
     Raises:
         InvalidTransferError: a bad argument, or placements differing across ranks; raised
-            before anything moves.
+            before anything moves. With ``check_placements`` and more than one rank, a rank
+            that rejects its arguments (with any error raised while checking them) first
+            joins the placement exchange, flagged as rejecting, then raises its own error:
+            its peers stop at once instead of waiting for it until their deadline.
+        PeerMismatchError: another rank rejected its arguments (the message names it; it
+            raises why). As when ``comm.execute()`` fails this way, nothing moved and the
+            communicator stays usable.
         TransferError: a batch failed (subclasses as raised by ``comm.execute()``).
+
+    Only what leaves no exchange to join is raised at once, alone, while peers wait in the
+    exchange until their deadline: a ``comm`` that is not a :class:`Communicator`, or one
+    closed or broken. Every rank must pass the same ``check_placements``: without the
+    exchange (``check_placements=False``, for one batch less) a rank that rejects its
+    arguments raises alone and its peers wait in their first layer's batch until the
+    deadline. The exchange runs apart from ops queued on ``comm`` (which a rank rejects,
+    leaving them queued) and on the transport's own device.
     """
     started = time.perf_counter()
-    depth = layers_in_flight
+    if not isinstance(comm, Communicator):  # nothing to tell the peers through
+        raise InvalidTransferError(
+            f"comm: expected an aeplb.Communicator (from create_communicator), got "
+            f"{type(comm).__name__}"
+        )
+    args: _Args | None = None
+    problem: Exception | None = None
+    try:
+        args = await _check_args(
+            comm,
+            expert_weights,
+            old_phy2log,
+            new_phy2log,
+            on_layer,
+            on_progress,
+            log2phy,
+            logcnt,
+            layers_in_flight,
+            timeout,
+        )
+    except Exception as exc:
+        problem = exc  # raised after the agreement, which tells the peers to stop at once
+    if check_placements and comm.world_size > 1:
+        await _check_agreement(comm, args, problem, timeout if _timeout_ok(timeout) else None)
+    if problem is not None:
+        raise problem
+    assert args is not None
+    run = _Run(comm, args.weights, args.plan, args.new, old_phy2log, log2phy, logcnt, timeout)
+    await run.run(on_layer, on_progress, layers_in_flight)
+    return RearrangeStats(
+        layers=len(args.plan.layers),
+        layers_changed=sum(lp.changed for lp in args.plan.layers),
+        bytes_sent=run.sent,
+        bytes_received=run.received,
+        bytes_copied_locally=run.copied,
+        seconds=time.perf_counter() - started,
+        layer_seconds=tuple(run.layer_seconds),
+        transfer_seconds=run.transfer_seconds,
+    )
+
+
+class _Args(NamedTuple):
+    """The checked arguments of one rearrange_experts call."""
+
+    weights: list[list[torch.Tensor]]
+    plan: RearrangementPlan
+    old: np.ndarray
+    new: np.ndarray
+
+
+def _timeout_ok(timeout: object) -> bool:
+    return timeout is None or (
+        not isinstance(timeout, bool)
+        and isinstance(timeout, (int, float))
+        and 0 < timeout <= MAX_TIMEOUT  # also refuses NaN
+    )
+
+
+async def _check_args(
+    comm: Communicator,
+    expert_weights: object,
+    old_phy2log: object,
+    new_phy2log: object,
+    on_layer: object,
+    on_progress: object,
+    log2phy: object,
+    logcnt: object,
+    depth: object,
+    timeout: object,
+) -> _Args:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise InvalidTransferError(f"layers_in_flight: expected an int >= 1, got {depth!r}")
-    if timeout is not None and (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 < timeout <= MAX_TIMEOUT
-    ):
+    if not _timeout_ok(timeout):
         raise InvalidTransferError(
             f"timeout: expected positive seconds up to {MAX_TIMEOUT:g} or None, got {timeout!r}"
         )
     for name, fn in (("on_layer", on_layer), ("on_progress", on_progress)):
         if fn is not None and not callable(fn):  # else it would fail after a commit
             raise InvalidTransferError(f"{name}: expected a callable or None, got {fn!r}")
-    if not isinstance(comm, Communicator):
-        raise InvalidTransferError(
-            f"comm: expected an aeplb.Communicator (from create_communicator), got "
-            f"{type(comm).__name__}"
-        )
     if comm.pending:
         raise InvalidTransferError(
             f"comm: has {comm.pending} queued op(s) that would join the first layer's batch; "
@@ -191,20 +267,7 @@ async def rearrange_experts(
     )
     weights = _check_weights(comm, expert_weights, len(plan.layers), plan.slots_per_rank)
     _check_tables(plan, new, log2phy, logcnt)
-    if check_placements and comm.world_size > 1 and weights:
-        await _check_agreement(comm, old, new, weights[0][0].device, timeout)
-    run = _Run(comm, weights, plan, new, old_phy2log, log2phy, logcnt, timeout)
-    await run.run(on_layer, on_progress, depth)
-    return RearrangeStats(
-        layers=len(plan.layers),
-        layers_changed=sum(lp.changed for lp in plan.layers),
-        bytes_sent=run.sent,
-        bytes_received=run.received,
-        bytes_copied_locally=run.copied,
-        seconds=time.perf_counter() - started,
-        layer_seconds=tuple(run.layer_seconds),
-        transfer_seconds=run.transfer_seconds,
-    )
+    return _Args(weights, plan, old, new)
 
 
 @dataclass
@@ -548,33 +611,62 @@ def _check_tables(
 
 
 async def _check_agreement(
-    comm: Communicator,
-    old: np.ndarray,
-    new: np.ndarray,
-    device: torch.device,
-    timeout: float | None,
+    comm: Communicator, args: _Args | None, problem: Exception | None, timeout: float | None
 ) -> None:
-    digest = hashlib.blake2b(digest_size=8)
-    for arr in (old, new):
-        digest.update(repr(arr.shape).encode())
-        digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-    value = int.from_bytes(digest.digest(), "little", signed=True)
-
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
-        theirs = torch.zeros((comm.world_size, 1), dtype=torch.int64, device=device)
-        return theirs, _to_device(torch.tensor([value], dtype=torch.int64), theirs)
-
-    theirs, mine = await _in_thread(_current_streams([device]), make)
-    for peer in range(comm.world_size):
-        if peer != comm.rank:
-            comm.add_send(mine, peer)
-            comm.add_recv(theirs[peer], peer)
-    await comm.execute(timeout=timeout)
-    got = (await _host_copy(theirs)).ravel().tolist()
-    differ = [p for p, v in enumerate(got) if p != comm.rank and v != value]
+    """One small batch with every peer: each rank sends a digest of both placements and
+    whether it rejected its arguments (``args`` None, ``problem`` its error)."""
+    mine = (0, 1) if args is None else (_digest(args.old, args.new), 0)
+    try:
+        got = await _exchange(comm, mine, timeout)
+    except Exception:
+        if problem is None:
+            raise
+        # This rank's own error is what to fix; the exchange's (which may have broken the
+        # communicator) stays visible as its context.
+        raise problem  # noqa: B904
+    if problem is not None:
+        return  # the caller raises it
+    rejected = [p for p, (_, flag) in enumerate(got) if p != comm.rank and flag]
+    if rejected:
+        raise PeerMismatchError(
+            f"rearrange_experts: rank(s) {rejected} rejected their arguments (the error raised "
+            f"there says why), so rank {comm.rank} stops too; nothing moved and the "
+            "communicator stays usable: call again with valid arguments on every rank"
+        )
+    differ = [p for p, (v, _) in enumerate(got) if p != comm.rank and v != mine[0]]
     if differ:
         raise InvalidTransferError(
             f"old_phy2log/new_phy2log: rank {comm.rank}'s placements differ from rank(s) "
             f"{differ}; every rank must pass identical placements (after a failure, compare "
             "committed rows across ranks before retrying)"
         )
+
+
+def _digest(old: np.ndarray, new: np.ndarray) -> int:
+    digest = hashlib.blake2b(digest_size=8)
+    for arr in (old, new):
+        digest.update(repr(arr.shape).encode())
+        digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
+
+
+async def _exchange(
+    comm: Communicator, mine: tuple[int, int], timeout: float | None
+) -> list[list[int]]:
+    """Sends ``mine`` to every peer and returns every rank's, by rank (this rank's zeros)."""
+    # The transport's own device (its warm-up's): the weights may be what this rank rejected.
+    device = comm._transport.home_device()
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        theirs = torch.zeros((comm.world_size, len(mine)), dtype=torch.int64, device=device)
+        return theirs, _to_device(torch.tensor(mine, dtype=torch.int64), theirs)
+
+    theirs, sent = await _in_thread(_current_streams([device]), make)
+    # Apart from any queued ops, which a rank rejects but keeps.
+    async with comm.batch(timeout=timeout) as batch:
+        for peer in range(comm.world_size):
+            if peer != comm.rank:
+                batch.add_send(sent, peer)
+                batch.add_recv(theirs[peer], peer)
+    rows: list[list[int]] = (await _host_copy(theirs)).tolist()
+    return rows

@@ -537,7 +537,12 @@ async def test_rearrange_experts(override: dict[str, Any], pattern: str) -> None
 async def test_rearrange_with_queued_ops_is_refused() -> None:
     comm, fake = fake_comm(rank=0, world=2)
     comm.add_send(torch.ones(1), 1)
+    weights = _weights()
     with pytest.raises(InvalidTransferError, match="comm: has 1 queued op"):
-        await aeplb.rearrange_experts(comm, _weights(), OLD.clone(), NEW)
-    assert comm.pending == 1 and fake.batches == []
+        await aeplb.rearrange_experts(comm, weights, OLD.clone(), NEW)
+    # Only the placement agreement ran (one int64 pair each way, so that the peers stop too),
+    # apart from the queued op, which stays queued.
+    assert comm.pending == 1 and fake.batches == [[2, 2]]
+    for layer, ws in enumerate(weights):
+        assert torch.equal(ws[0], torch.full((2, 3), float(layer)))
     await comm.aclose()

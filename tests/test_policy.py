@@ -13,6 +13,7 @@ REF_LOAD = [
     [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
     [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
 ]
+FLOAT_MAX = float(np.finfo(np.float64).max)
 # DeepSeek EPLB README's answer for REF_LOAD, 16 replicas, 4 groups, 2 nodes, 8 GPUs.
 REF_PHY2LOG = [
     [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
@@ -214,3 +215,45 @@ def test_bad_load(load: object) -> None:
 def test_bad_current(current: object) -> None:
     with pytest.raises(InvalidTransferError, match="current"):
         rebalance_experts(REF_LOAD, 16, 4, 2, 8, current=current)
+
+
+@pytest.mark.filterwarnings("error")  # a cast that warns instead of refusing fails too
+@pytest.mark.parametrize(
+    ("load", "match"),
+    [
+        pytest.param(np.full((1, 6), 1e308), "layer 0's loads sum to more", id="sum-overflows"),
+        pytest.param(
+            [[1.0] * 6, [FLOAT_MAX / 2] * 3 + [0.0] * 3],
+            "layer 1's loads sum to more",
+            id="second-layer-sum-overflows",
+        ),
+        pytest.param(np.full((1, 6), 1 + 1j), r"complex values \(complex128\)", id="complex-array"),
+        pytest.param(
+            torch.full((1, 6), 1 + 1j), r"complex values \(torch.complex64\)", id="complex-tensor"
+        ),
+        pytest.param(
+            np.array([[1, 2, 3, 4, 5, np.complex128(6)]], dtype=object),
+            "complex values",
+            id="complex-in-object-array",
+        ),
+        pytest.param(
+            np.array([[1, 2, 3, 4, 5, "6"]], dtype=object),
+            r"non-numeric values \(str\)",
+            id="str-in-object-array",
+        ),
+        pytest.param(np.array([["1", "2", "3", "4", "5", "6"]]), "non-numeric", id="str-array"),
+        pytest.param([[1, 2, 3, 4, 5, 10**400]], "too large for float64", id="int-beyond-float64"),
+    ],
+)
+def test_load_must_be_real_with_finite_sums(load: object, match: str) -> None:
+    with pytest.raises(InvalidTransferError, match=match) as info:
+        rebalance_experts(load, 8, 1, 1, 2)
+    assert "loads must be real, finite and non-negative" in str(info.value)
+
+
+def test_loads_near_the_float64_maximum_with_a_finite_sum_still_work() -> None:
+    for load in (np.full((1, 6), 1e307), np.array([[FLOAT_MAX / 2] * 2 + [0.0] * 4])):
+        check_invariants(rebalance_experts(load, 8, 1, 1, 2), load, 8, 2)
+    # Scaling by a power of two is exact, so the greedy choices are the same.
+    scaled = rebalance_experts(np.array(REF_LOAD, dtype=np.float64) * 2.0**1010, 16, 4, 2, 8)
+    assert torch.equal(scaled.phy2log, rebalance_experts(REF_LOAD, 16, 4, 2, 8).phy2log)

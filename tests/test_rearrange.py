@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -426,6 +427,63 @@ async def validation(rank: int, world: int) -> list[str]:
     return messages
 
 
+async def rejected_on_one_rank(rank: int, world: int) -> list[dict[str, Any]]:
+    """Rank 1 passes one bad argument per case, rank 0 good ones; both record what they raised.
+
+    Then both check that nothing moved and that the communicator still runs a rearrangement
+    and a plain batch.
+    """
+    old, new = all_changed(world, num_layers=2)
+    live = old.clone()
+    weights = make_weights(rank, world, old, 0)
+    snapshot = [[w.clone() for w in ws] for ws in weights]
+    bad_new = new.clone()
+    bad_new[1, 0] = 99
+    bad: dict[str, dict[str, Any]] = {
+        "expert-id": {"new_phy2log": bad_new},
+        "shape": {"new_phy2log": new[:1]},
+        "weights-not-a-list": {"expert_weights": 5},
+        "queued-op": {},
+        "timeout": {"timeout": -1},
+    }
+    out = []
+    async with aeplb.create_communicator("gloo", timeout=20) as comm:
+        for case, override in bad.items():
+            args = {"expert_weights": weights, "old_phy2log": live, "new_phy2log": new}
+            if rank == 1:
+                args.update(override)
+                if case == "queued-op":
+                    comm.add_send(weights[0][0][0], 0)
+            error: BaseException | None = None
+            started = time.perf_counter()
+            try:
+                await aeplb.rearrange_experts(comm, **args)  # type: ignore[arg-type]
+            except aeplb.AEPLBError as exc:
+                error = exc
+            seconds = time.perf_counter() - started
+            out.append(
+                {
+                    "case": case,
+                    "error": type(error).__name__,
+                    "message": str(error),
+                    "seconds": seconds,
+                    "left_queued": comm.clear(),
+                }
+            )
+            for ws, ss in zip(weights, snapshot, strict=True):
+                for w, s in zip(ws, ss, strict=True):
+                    assert_same(w, s, f"{case}: nothing may move when a rank rejects")
+            assert torch.equal(live, old), case
+        await aeplb.rearrange_experts(comm, weights, live, new)
+        check_layers(rank, world, weights, new, 0)
+        got = torch.zeros(3)
+        async with comm.batch() as b:
+            b.add_send(torch.full((3,), float(rank)), 1 - rank)
+            b.add_recv(got, 1 - rank)
+        assert torch.equal(got, torch.full((3,), float(1 - rank)))
+    return out
+
+
 # -- tests ---------------------------------------------------------------------------
 
 
@@ -532,3 +590,31 @@ def test_expected_bytes_counts_duplicates_once_on_the_wire() -> None:
     weights = make_weights(0, 2, old, 0)
     got = expected_bytes(plan, weights)
     assert got.sent > 0 and got.received > 0 and got.copied_locally > 0
+
+
+REJECTED_BECAUSE = {
+    "expert-id": "needs expert 99",
+    "shape": "new_phy2log: shape",
+    "weights-not-a-list": "expert_weights: expected a sequence",
+    "queued-op": "comm: has 1 queued op",
+    "timeout": "timeout: expected positive seconds",
+}
+
+
+def test_one_rank_rejecting_its_arguments_stops_every_rank_at_once(
+    world2: RankPool, anyio_backend: str
+) -> None:
+    good, bad = world2.run(rejected_on_one_rank, backend=anyio_backend, timeout=120)
+    for on_0, on_1 in zip(good, bad, strict=True):
+        print(
+            f"{on_0['case']}: rank 0 {on_0['error']} in {on_0['seconds']:.3f} s, "
+            f"rank 1 {on_1['error']} in {on_1['seconds']:.3f} s"
+        )
+        assert on_1["error"] == "InvalidTransferError", on_1
+        assert REJECTED_BECAUSE[on_1["case"]] in on_1["message"], on_1
+        assert on_0["error"] == "PeerMismatchError", on_0
+        assert "rank(s) [1] rejected their arguments" in on_0["message"], on_0
+        # The communicator's timeout is 20 s: rank 0 must not have waited for it.
+        assert on_0["seconds"] < 10 and on_1["seconds"] < 10, (on_0, on_1)
+        assert on_0["left_queued"] == 0
+        assert on_1["left_queued"] == (1 if on_1["case"] == "queued-op" else 0)
