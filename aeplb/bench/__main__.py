@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
+from typing import Any
 
 import torch
 
-from ._driver import CPU_BACKENDS, GPU_BACKENDS, entry
+from ._driver import CPU_BACKENDS, GPU_BACKENDS, LeftOut, Step, entry, plan
 from ._rank import Row
-from ._spawn import ranks_wanted, run_ranks, shares_gpus
+from ._spawn import RanksFailed, ranks_wanted, stream_ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,35 +178,98 @@ def _nccl_version() -> str | None:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    world = ranks_wanted(args.cpu, args.ranks)
-    if world is None:
-        return 2
-    if world < 2:
-        print("needs at least 2 ranks (2 GPUs, --ranks 2 on one GPU, or --cpu)", file=sys.stderr)
-        return 2
-    if not args.cpu and shares_gpus(world):
-        print(
-            f"{world} ranks on {torch.cuda.device_count()} GPU(s): ranks share GPUs, so NCCL "
-            "(raw, baselines, nccl, pynccl) is left out; ipc and gloo copy within a GPU",
-            file=sys.stderr,
+class Results:
+    """What the ranks have reported so far, written to ``path`` (if any) whenever another
+    row is in from every rank, so that a failure later in the run loses nothing measured."""
+
+    def __init__(
+        self, world: int, meta: dict[str, Any], left_out: list[LeftOut], path: str | None
+    ) -> None:
+        self.meta, self.left_out, self.path = meta, left_out, path
+        self.per_rank: list[list[Row]] = [[] for _ in range(world)]
+        self.crashes: list[dict[str, Any]] = []
+        self._at = ("start-up", "")
+
+    def take(self, message: tuple[Any, ...]) -> None:
+        """One message from a rank (see ``_driver._Reporter``)."""
+        kind, *rest = message
+        if kind == "row":
+            rank, row = rest
+            self.per_rank[rank].append(row)
+            if len(self.per_rank[rank]) == self._complete():
+                self.write()
+        elif kind == "at":
+            self._at = (rest[0], rest[1])
+        elif kind == "failed":
+            self._crash(*rest)
+
+    def ranks_failed(self, codes: list[int | None]) -> None:
+        """Ranks that exited with an error; those that did not say why (killed, or dead in C
+        code) are put down where rank 0 last was."""
+        told = {rank for c in self.crashes for rank in c["ranks"]}
+        for rank, code in enumerate(codes):
+            if code not in (None, 0) and rank not in told:
+                self._crash(rank, *self._at, f"rank {rank} exited with code {code}")
+
+    def rows(self) -> list[Row]:
+        """The merged rows every rank has reported."""
+        n = self._complete()
+        return _merge([rows[:n] for rows in self.per_rank])
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Variants that failed and went on (their rows), then what stopped the run."""
+        failed = [
+            {"workload": r["workload"], "variant": r["variant"], "error": r["error"]}
+            for r in self.rows()
+            if "error" in r
+        ]
+        return failed + self.crashes
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        out = {
+            "meta": self.meta,
+            "rows": self.rows(),
+            "left_out": self.left_out,
+            "failures": self.failures(),
+        }
+        # a run killed mid-write leaves the last complete file, not half of one
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def _complete(self) -> int:
+        return min(len(rows) for rows in self.per_rank)
+
+    def _crash(self, rank: int, workload: str, variant: str, error: str) -> None:
+        for c in self.crashes:  # every rank tends to fail alike: one entry for all of them
+            if (c["workload"], c["variant"], c["error"]) == (workload, variant, error):
+                c["ranks"] = sorted([*c["ranks"], rank])
+                return
+        self.crashes.append(
+            {"workload": workload, "variant": variant, "error": error, "ranks": [rank]}
         )
-    per_rank = run_ranks(entry, world, args)
-    if per_rank is None:
-        return 1
-    rows = _merge(per_rank)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
-        "ranks": world,
-        "torch": torch.__version__,
-        "nccl": _nccl_version(),
-        "argv": sys.argv,
-        "reps": args.reps,
-        "gc_freeze": args.gc_freeze,
-        "switch_interval_ms": args.switch_interval,
-    }
+
+
+def _left_out_lines(left_out: list[LeftOut]) -> list[str]:
+    """One line per reason: which variants it left out, of which workloads."""
+    by_reason: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+    for item in left_out:
+        names, workloads = by_reason.setdefault(item["reason"], ({}, {}))
+        if item["variant"]:
+            names[item["variant"]] = None
+        workloads[item["workload"]] = None
+    lines = []
+    for reason, (names, workloads) in by_reason.items():
+        what = f"{', '.join(names)} in " if names else ""
+        lines.append(f"left out {what}{', '.join(workloads)}: {reason}")
+    return lines
+
+
+def _show(results: Results) -> None:
+    rows = results.rows()
     print(_table(rows))
     for r in rows:
         if "phases_ms" in r:
@@ -216,12 +281,58 @@ def main(argv: list[str] | None = None) -> int:
                 parts = "  ".join(f"gen{g} {ms:.1f}" for g, ms in r[key])
                 label = f"{r['workload']} {r['variant']}"
                 print(f"gc pauses in {where} (ms, any rank) {label}: {parts}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    for line in _left_out_lines(results.left_out):
+        print(line)
+    for c in results.crashes:
+        ranks = ", ".join(map(str, c["ranks"]))
+        print(f"FAILED {c['workload']} {c['variant']} (rank {ranks}): {c['error']}")
+    if results.crashes:
+        print("the run stopped there: the rows above are what was measured before it")
+
+
+def _meta(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu" if args.cpu else torch.cuda.get_device_name(0),
+        "ranks": world,
+        "torch": torch.__version__,
+        "nccl": _nccl_version(),
+        "argv": sys.argv,
+        "reps": args.reps,
+        "gc_freeze": args.gc_freeze,
+        "switch_interval_ms": args.switch_interval,
+    }
+
+
+def run(args: argparse.Namespace, world: int, steps: list[Step], left_out: list[LeftOut]) -> int:
+    """Runs ``steps`` on ``world`` spawned ranks, then prints, writes (``--json``, also as the
+    rows come in) and draws what they measured, a failure or not; 1 if anything failed."""
+    for line in _left_out_lines(left_out):
+        print(line, file=sys.stderr)
+    results = Results(world, _meta(args, world), left_out, args.json)
+    try:
+        for message in stream_ranks(entry, world, (args, steps)):
+            results.take(message)
+    except RanksFailed as exc:
+        results.ranks_failed(exc.codes)
+    finally:
+        results.write()
+    _show(results)
     if args.plot:
-        _plot(rows, args.plot)
-    return 0
+        _plot(results.rows(), args.plot)
+    return 1 if results.failures() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = ranks_wanted(args.cpu, args.ranks)
+    if world is None:
+        return 2
+    if world < 2:
+        print("needs at least 2 ranks (2 GPUs, --ranks 2 on one GPU, or --cpu)", file=sys.stderr)
+        return 2
+    steps, left_out = plan(args, world, 0 if args.cpu else torch.cuda.device_count())
+    return run(args, world, steps, left_out)
 
 
 if __name__ == "__main__":

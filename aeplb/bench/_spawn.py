@@ -6,7 +6,7 @@ import asyncio
 import os
 import queue
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -65,11 +65,6 @@ def enough_gpus(need: int, cpu: bool | None = None) -> bool:
     return False
 
 
-def shares_gpus(world: int) -> bool:
-    """Whether ``world`` GPU ranks must share GPUs here (then raw NCCL cannot run)."""
-    return world > torch.cuda.device_count()
-
-
 def init_rank(rank: int, world: int, meeting: Meeting, *, cpu: bool, timeout: timedelta) -> None:
     """Joins the default group from a spawned rank: Gloo on CPU, Gloo and NCCL on GPUs."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -88,41 +83,88 @@ def init_rank(rank: int, world: int, meeting: Meeting, *, cpu: bool, timeout: ti
     )
 
 
-def run_ranks(entry: Callable[..., None], world: int, args: Any) -> Any | None:
-    """Runs ``entry(rank, world, meeting, args, out)`` on ``world`` spawned ranks.
+class RanksFailed(Exception):
+    """A spawned rank exited with an error.
 
-    Returns what rank 0 put on ``out``, or None once any rank exits with an error (the other
-    ranks are killed then, so a failed rank never leaves the caller waiting).
+    ``codes`` holds each rank's exit code as it was when that was seen: None for a rank
+    still running then (and killed since).
+    """
+
+    def __init__(self, codes: list[int | None]) -> None:
+        super().__init__(f"rank exit codes {codes}")
+        self.codes = codes
+
+
+def stream_ranks(entry: Callable[..., None], world: int, args: Any) -> Iterator[Any]:
+    """Runs ``entry(rank, world, meeting, args, out)`` on ``world`` spawned ranks and yields
+    what they put on ``out`` as it comes, until every rank has exited.
+
+    Once any rank exits with an error, yields what the ranks had put on ``out`` by then and
+    raises RanksFailed; the other ranks are killed, so a failed rank never leaves the caller
+    waiting, and neither does a caller that stops early.
     """
     ctx = mp.get_context("spawn")
     out, ports = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=entry, args=(0, world, Meeting(report=ports), args, out))]
-    procs[0].start()
-    port = _next(ports, procs)  # rank 0 first: the others learn the port its store got
-    if port is None:
-        return None
-    for r in range(1, world):
-        procs.append(ctx.Process(target=entry, args=(r, world, Meeting(port), args, out)))
-        procs[-1].start()
-    result = _next(out, procs)
-    if result is None:
-        return None
-    for p in procs:
-        p.join()
-    return result
+    procs: list[Any] = []
+
+    def start(rank: int, meeting: Meeting) -> None:
+        p = ctx.Process(target=entry, args=(rank, world, meeting, args, out))
+        p.start()
+        procs.append(p)
+
+    try:
+        start(0, Meeting(report=ports))
+        port = next(_items(ports, procs))  # rank 0 first: the others learn its store's port
+        for r in range(1, world):
+            start(r, Meeting(port))
+        yield from _items(out, procs)
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join()
 
 
-def _next(q: Any, procs: list[Any]) -> Any | None:
-    """The next item on ``q``; None (and every rank killed) once a rank has failed."""
+def run_ranks(entry: Callable[..., None], world: int, args: Any) -> Any | None:
+    """Runs ``entry(rank, world, meeting, args, out)`` on ``world`` spawned ranks.
+
+    Returns the first thing put on ``out`` (what rank 0 reports), or None once any rank
+    exits with an error.
+    """
+    try:
+        items = list(stream_ranks(entry, world, args))
+    except RanksFailed:
+        print("a rank failed; see its traceback above", file=sys.stderr)
+        return None
+    return items[0] if items else None
+
+
+def _items(q: Any, procs: list[Any]) -> Iterator[Any]:
+    """What the ranks put on ``q`` until all have exited; RanksFailed once one failed."""
     while True:
         try:
-            return q.get(timeout=1.0)
+            item = q.get(timeout=0.2)
         except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                for p in procs:
-                    p.kill()
-                print("a rank failed; see its traceback above", file=sys.stderr)
-                return None
+            codes = [p.exitcode for p in procs]
+            failed = any(c not in (None, 0) for c in codes)
+            if failed or all(c == 0 for c in codes):
+                # what a rank put before it exited is all in the pipe by then (its queue's
+                # feeder thread is joined on the way out) but may have come in after the get
+                yield from _left_on(q)
+                if failed:
+                    raise RanksFailed(codes) from None
+                return
+            continue
+        yield item
+
+
+def _left_on(q: Any) -> Iterator[Any]:
+    while True:
+        try:
+            item = q.get(timeout=0.1)
+        except queue.Empty:
+            return
+        yield item
 
 
 def run_pair(main: Callable[[int, Any], Awaitable[Any]], args: Any) -> Any | None:
