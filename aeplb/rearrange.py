@@ -26,6 +26,7 @@ import torch
 
 from ._communicator import MAX_TIMEOUT, Communicator
 from ._exceptions import InvalidTransferError, PeerMismatchError
+from ._runtime import transfer_mode
 from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
 
 if TYPE_CHECKING:
@@ -401,7 +402,8 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 if depth > 1 and staged:
                     await self._start(tg, staged[0])
-                self._commit(layer, stats)
+                with transfer_mode():  # weights may be parameters or inference tensors
+                    self._commit(layer, stats)
             index = layer.plan.layer
             del layer  # frees its staging buffers before the next layer is prepared
             if on_layer is not None:
@@ -501,7 +503,7 @@ async def _in_thread(streams: list[torch.cuda.Stream], fn: Callable[..., _T], *a
     """Runs ``fn`` in a worker thread, issuing its CUDA work on the caller's streams."""
 
     def call() -> _T:
-        with _on_streams(streams):
+        with _on_streams(streams), transfer_mode():
             return fn(*args)
 
     return await anyio.to_thread.run_sync(call)

@@ -20,9 +20,12 @@ import torch.distributed as dist
 import aeplb
 from aeplb import _communicator
 
+from .conftest import require_gpu
 from .multirank import RankPool, free_port
 from .payloads import assert_same, payload, poisoned, seed_of
 from .ticker import Ticker
+
+GPU_PG = "cpu:gloo,cuda:nccl"
 
 # -- rank functions (module level so spawned ranks can import them) --------------------
 
@@ -60,26 +63,37 @@ def movable_dtypes() -> list[torch.dtype]:
     return sorted(out, key=str)
 
 
-async def exchange_shapes(rank: int, world: int, shapes: list[tuple[int, ...]], salt: int) -> int:
+async def exchange_shapes(
+    rank: int,
+    world: int,
+    shapes: list[tuple[int, ...]],
+    salt: int,
+    backend: str = "gloo",
+    device: str = "cpu",
+) -> int:
     """Both ranks send every dtype, as the given shapes, to each other; checked by bytes."""
     peer = 1 - rank
-    async with aeplb.create_communicator("gloo", timeout=60) as comm:
+    async with aeplb.create_communicator(backend, timeout=60) as comm:
         checks = []
         for d, dtype in enumerate(movable_dtypes()):
             for i, shape in enumerate(shapes):
-                comm.add_send(_bytes_payload(seed_of(rank, peer, i, salt + d), shape, dtype), peer)
+                sent = _bytes_payload(seed_of(rank, peer, i, salt + d), shape, dtype)
+                comm.add_send(sent.to(device), peer)
                 buf = _unlike(_bytes_payload(seed_of(peer, rank, i, salt + d), shape, dtype))
+                buf = buf.to(device)
                 comm.add_recv(buf, peer)
                 checks.append((buf, seed_of(peer, rank, i, salt + d), shape, dtype))
             await comm.execute()
             for buf, seed, shape, dtype in checks:
-                assert torch.equal(_as_u8(buf), _as_u8(_bytes_payload(seed, shape, dtype))), dtype
+                want = _as_u8(_bytes_payload(seed, shape, dtype))
+                assert torch.equal(_as_u8(buf).cpu(), want), dtype
             checks.clear()
         return len(movable_dtypes())
 
 
-async def scales_through_rearrange(rank: int, world: int) -> None:
-    """A weight [S, H] and a per-slot scale [S] of one dtype: one 0-d op per slot."""
+async def scales_through_rearrange(rank: int, world: int, kind: str = "plain") -> None:
+    """A weight [S, H] and a per-slot scale [S] of one dtype: one 0-d op per slot; as
+    plain tensors, parameters that require grad, or inference tensors."""
     num_slots = 80
     rng = np.random.default_rng(7)
     old = torch.arange(num_slots).view(1, -1)
@@ -93,11 +107,16 @@ async def scales_through_rearrange(rank: int, world: int) -> None:
         return [[w, s]]
 
     mine = weights(old)
+    if kind == "parameters":
+        mine = [[torch.nn.Parameter(t) for t in mine[0]]]
+    elif kind == "inference":
+        with torch.inference_mode():
+            mine = [[t.clone() for t in mine[0]]]
     async with aeplb.create_communicator("gloo", timeout=60) as comm:
         await aeplb.rearrange_experts(comm, mine, old.clone(), new)
     want = weights(new)
-    assert_same(mine[0][0], want[0][0], "weights")
-    assert_same(mine[0][1], want[0][1], "scales")
+    assert_same(mine[0][0].detach(), want[0][0], "weights")
+    assert_same(mine[0][1].detach(), want[0][1], "scales")
 
 
 async def two_communicators_at_once(rank: int, world: int, rounds: int) -> None:
@@ -241,8 +260,9 @@ def test_every_dtype_moves_whatever_the_count(world2: RankPool) -> None:
     assert counts[0] >= 20  # the standard dtypes, float8, float4, sub-byte ints, bits...
 
 
-def test_scales_beside_weights_through_rearrange(world2: RankPool) -> None:
-    world2.run(scales_through_rearrange, backend="asyncio")
+@pytest.mark.parametrize("kind", ["plain", "parameters", "inference"])
+def test_scales_beside_weights_through_rearrange(world2: RankPool, kind: str) -> None:
+    world2.run(scales_through_rearrange, kind, backend="asyncio")
 
 
 def test_zero_d_among_many_one_d(world2: RankPool) -> None:
@@ -393,3 +413,56 @@ def test_backend_errors_are_shortened() -> None:
     assert short_error(RuntimeError(text)) == (
         "Read error [127.0.0.1]:23720: Connection reset by peer."
     )
+
+
+# -- CUDA ------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.shares_a_gpu
+@pytest.mark.parametrize("backend", ["ipc", "gloo"])
+def test_gpu_zero_d_and_every_dtype(world2: RankPool, backend: str) -> None:
+    require_gpu(1)
+    shapes: list[tuple[int, ...]] = [()] * 80 + [(3,)] * 69 + [(2, 2)]
+    world2.run(exchange_shapes, shapes, 7, backend, "cuda", backend="asyncio", pg_backend=GPU_PG)
+
+
+@pytest.mark.gpu
+@pytest.mark.shares_a_gpu
+def test_gpu_swap_is_refused_in_band(world2: RankPool) -> None:
+    require_gpu(1)
+    world2.run(swap_on_cuda, backend="asyncio", pg_backend=GPU_PG)
+
+
+@pytest.mark.gpu
+def test_gpu_second_nccl_communicator_on_one_group_is_refused() -> None:
+    require_gpu(1)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    torch.cuda.set_device(0)
+    dist.init_process_group(GPU_PG, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        first = aeplb.create_communicator("nccl").blocking()
+        with pytest.raises(aeplb.InvalidTransferError, match="new_group"):
+            aeplb.create_communicator("nccl")
+        other = aeplb.create_communicator("nccl", group=dist.new_group([0], backend="nccl"))
+        other.blocking().close()
+        first.close()
+        aeplb.create_communicator("nccl").blocking().close()  # the group is free again
+    finally:
+        dist.destroy_process_group()
+
+
+async def swap_on_cuda(rank: int, world: int) -> None:
+    peer = 1 - rank
+    async with aeplb.create_communicator("ipc", timeout=30) as comm:
+        t = payload(seed_of(rank, peer, 0), (1000,), device="cuda")
+        comm.add_send(t, peer)
+        comm.add_recv(t, peer)
+        with pytest.raises(aeplb.InvalidTransferError, match="reads and writes the same memory"):
+            await comm.execute()
+        got = poisoned((1000,)).cuda()
+        comm.add_send(t.clone(), peer)
+        comm.add_recv(got, peer)
+        await comm.execute()
+        assert_same(got.cpu(), payload(seed_of(peer, rank, 0), (1000,)), "after the refusal")
