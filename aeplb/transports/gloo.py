@@ -33,6 +33,7 @@ import torch.distributed as dist
 from .. import _cuda
 from .._exceptions import BackendUnavailableError, InvalidTransferError
 from .._ops import OpKind, PreparedBatch
+from .._runtime import transfer_mode
 from ._base import Transport, check_positive
 from ._streams import ByteStream, Piece, as_bytes, byte_streams
 
@@ -125,6 +126,13 @@ class _CopyWaits:
             copied.synchronize()
         else:
             _cuda.wait_event(copied, self._deadline)
+
+
+def _in_transfer_mode(fn: Callable[..., None], *args: object) -> None:
+    # the staging pool was made on the worker thread, in the transfer mode; a lane that
+    # wrote into it outside that mode failed, and its peer's lane waited for it
+    with transfer_mode():
+        fn(*args)
 
 
 def _direct(piece: Piece) -> torch.Tensor | None:
@@ -339,7 +347,11 @@ class GlooTransport(Transport):
                 lane = (2 * other + (0 if kind is OpKind.SEND else 1)) * k + stripe
                 slots = self._lane_slots(lane)
                 waits = _CopyWaits(ready, self._user_stream is None, deadline)
-                futures.append(self._lanes.submit(work, peer, cut, tags, slots, waits, deadline))
+                futures.append(
+                    self._lanes.submit(
+                        _in_transfer_mode, work, peer, cut, tags, slots, waits, deadline
+                    )
+                )
         errors: list[BaseException] = []
         for future in futures:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0) + 1.0
