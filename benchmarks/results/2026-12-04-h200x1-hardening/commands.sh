@@ -18,3 +18,6 @@ print("left out", sorted({(o["variant"], o["reason"]) for o in d["left_out"]}))
 assert not [r for r in d["rows"] if "nccl" in r["variant"]], "an NCCL row ran on a shared GPU"
 print("interference rows", [r["variant"] for r in d["rows"] if r["workload"] == "interference"])
 PY
+# Run B, after mending test_gpu_swap_is_refused_in_band (its expected payload came from the
+# CPU generator, the sent one from CUDA's): the hardening GPU tests alone.
+# timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=60 -rA tests/test_hardening.py
