@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+import torch.distributed as dist
 
 from .multirank import RankPool
 
@@ -23,6 +25,18 @@ def world2() -> RankPool:
 @pytest.fixture(scope="session")
 def world4() -> RankPool:
     return _pool(4)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group() -> Iterator[None]:
+    """A one-rank Gloo default group in this process (nothing else runs on it)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -31,18 +30,6 @@ from .test_policy import check_invariants
 
 NAN, INF = math.nan, math.inf
 BAD_TIMEOUTS = [-1, 0, -0.5, "5", True, NAN, INF, -INF, 1e300, [1]]
-
-
-@pytest.fixture(scope="module")
-def one_rank_group() -> Iterator[None]:
-    """A one-rank Gloo default group in this process (nothing else runs on it)."""
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _aeplb_threads() -> set[threading.Thread]:

@@ -7,7 +7,6 @@ import gc
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -294,17 +293,6 @@ def test_many_one_element_receives_keep_the_loop_ticking(world2: RankPool) -> No
 
 
 # -- one rank in this process ----------------------------------------------------------
-
-
-@pytest.fixture
-def one_rank_group() -> Iterator[None]:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _aeplb_threads() -> int:
