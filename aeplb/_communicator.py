@@ -409,9 +409,8 @@ class Communicator:
             f"{self.backend} backend did not return; the communicator is broken, create a new one"
         )
         with self._lock:
-            if self._broken is None:
-                self._broken = error
             self._last_error = error
+        self._mark_broken(error)
         raise error
 
     def _start(
@@ -538,9 +537,15 @@ class Communicator:
 
     def _break(self, error: AEPLBError, cause: BaseException) -> None:
         error.__cause__ = cause
+        self._mark_broken(error)
+
+    def _mark_broken(self, error: AEPLBError) -> None:
         with self._lock:
-            if self._broken is None:
+            first = self._broken is None
+            if first:
                 self._broken = error
+        if first:
+            self._transport.abandon()
 
     def _settle(self, job: Job[_Outcome], batch: PreparedBatch, counted: bool) -> None:
         """Runs on the worker thread when a job ends, awaited or not.

@@ -245,7 +245,31 @@ async def stripes_after_reinit(rank: int, world: int, port: int) -> str:
     return pair.group_name
 
 
+async def late_peer(rank: int, world: int) -> float:
+    """Rank 0's batch misses its deadline alone; rank 1 comes later, with a long deadline."""
+    peer = 1 - rank
+    async with aeplb.create_communicator("gloo", timeout=60) as comm:
+        comm.add_send(payload(1, (100,)), peer)
+        comm.add_recv(poisoned((100,)), peer)
+        if rank == 0:
+            with pytest.raises(aeplb.TransferTimeoutError):
+                await comm.execute(timeout=1)
+            await anyio.sleep(25)  # alive, so only the communicator can tell rank 1
+            return 0.0
+        await anyio.sleep(3)
+        start = time.monotonic()
+        with pytest.raises(aeplb.BrokenCommunicatorError):
+            await comm.execute(timeout=20)
+        return time.monotonic() - start
+
+
 # -- tests -----------------------------------------------------------------------------
+
+
+def test_a_late_peer_learns_at_once_that_the_batch_broke(world2: RankPool) -> None:
+    # it waited until its own deadline, or until rank 0's process exited
+    took = world2.run(late_peer, backend="asyncio", timeout=90)[1]
+    assert took < 5, took
 
 
 def test_zero_d_tensors_move(world2: RankPool) -> None:

@@ -64,5 +64,9 @@ class Transport(abc.ABC):
         Raises TimeoutError when ``deadline`` (a ``time.monotonic()`` value) passes.
         """
 
+    def abandon(self) -> None:  # noqa: B027 - optional hook
+        """Lets peers know at once that this rank will not finish its batches: called
+        once, from any thread, when the communicator breaks; never blocks."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases what the transport holds (called on the worker thread)."""

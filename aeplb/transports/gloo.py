@@ -442,6 +442,14 @@ class GlooTransport(Transport):
                 free.append(slot)
             post_more()
 
+    def abandon(self) -> None:
+        # Closing the groups' sockets ends a peer's pending send or receive with an error
+        # at once; without it a peer that passed the manifest check after this rank gave
+        # up waited for its own deadline, or for this process to exit. A group is torn
+        # down once no work holds it, which a thread of its own may wait out.
+        groups, self._groups = self._groups, []
+        threading.Thread(target=groups.clear, name="aeplb-gloo-abandon", daemon=True).start()
+
     def close(self) -> None:
         if self._lanes is not None:
             self._lanes.shutdown(wait=True)

@@ -21,3 +21,6 @@ PY
 # Run B, after mending test_gpu_swap_is_refused_in_band (its expected payload came from the
 # CPU generator, the sent one from CUDA's): the hardening GPU tests alone.
 # timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=60 -rA tests/test_hardening.py
+# Run C, on the final code (a broken gloo communicator closes its groups' connections): the
+# whole GPU suite again, output in run-C/.
+# timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=60 -rA tests
