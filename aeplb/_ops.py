@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import enum
-import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 from ._exceptions import InvalidTransferError
+from ._runtime import gil_slices
 
 
 class OpKind(enum.Enum):
@@ -174,10 +174,9 @@ def _flat_table(rows: list[int]) -> np.ndarray:
     if len(rows) <= _TABLE_SLICE:
         return np.fromiter(rows, dtype=np.int64, count=len(rows))
     out = np.empty(len(rows), dtype=np.int64)
-    for i in range(0, len(rows), _TABLE_SLICE):
+    for i in gil_slices(len(rows), _TABLE_SLICE):
         part = rows[i : i + _TABLE_SLICE]
         out[i : i + len(part)] = np.fromiter(part, dtype=np.int64, count=len(part))
-        time.sleep(0)  # lets a thread waiting for the GIL (the event loop's) have it now
     return out
 
 

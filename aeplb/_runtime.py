@@ -6,7 +6,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -84,20 +84,7 @@ class Job(Generic[T]):
 
 def in_event_loop() -> bool:
     """Whether this thread is running an asyncio (uvloop) or trio event loop now."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return True
-    trio = sys.modules.get("trio")  # never imported here: only if the caller runs trio
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
+    return _loop_caller_or_none() is not None
 
 
 def _noop() -> Any:
@@ -110,15 +97,37 @@ def _loop_caller() -> Callable[[Callable[[], object]], object]:
     A direct wake-up costs one loop iteration, whereas waiting through a helper thread
     (``to_thread.run_sync(event.wait)``) ties up a pool thread per pending batch.
     """
+    call_soon = _loop_caller_or_none()
+    if call_soon is None:
+        raise RuntimeError("no asyncio or trio event loop is running in this thread")
+    return call_soon
+
+
+def _loop_caller_or_none() -> Callable[[Callable[[], object]], object] | None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
         return loop.call_soon_threadsafe
-    import trio
+    trio = sys.modules.get("trio")  # a trio loop imported it; never import it here
+    if trio is None:
+        return None
+    try:
+        return trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
+    except RuntimeError:
+        return None
 
-    return trio.lowlevel.current_trio_token().run_sync_soon
+
+def gil_slices(count: int, size: int) -> Iterator[int]:
+    """The starts of ``size``-item slices of ``count`` items; between two slices the
+    thread lets go of the GIL, so a thread waiting for it (the event loop's) takes it now
+    rather than after the interpreter's switch interval. For work on thousands of items
+    in C calls that hold the GIL throughout."""
+    for start in range(0, count, size):
+        if start:
+            time.sleep(0)
+        yield start
 
 
 class WorkerStopped(RuntimeError):

@@ -10,7 +10,6 @@ worker would hold the GIL from the event loop's thread.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .._ops import DTYPE, IS_RECV, NBYTES, NUMEL, PEER, PTR, OpKind, PreparedBatch, dtype_of
+from .._runtime import gil_slices
 
 # Up to this many whole tensors, a piece is packed through one byte view per tensor (cheap
 # at this count, and torch.cat's kernel is the fastest gather); past it, through calls
@@ -32,6 +32,9 @@ SMALL = 1 << 20
 # hold the GIL (about 1.6 us per tensor on CPU), so one call over 100,000 tensors kept the
 # event loop's thread waiting 160 ms. Between slices the worker lets go of the GIL.
 SLICE = 1024
+
+# A many-tensor copy: (tensors, their part of a typed buffer)
+_Kernel = Callable[[tuple[torch.Tensor, ...], torch.Tensor], None]
 
 _chunk_cat = getattr(torch, "_chunk_cat", None)  # torch >= 2.4
 
@@ -61,16 +64,6 @@ TYPED_DTYPES = frozenset(
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.view(-1)  # queued tensors are contiguous
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
-
-
-def _let_go() -> None:
-    """Releases the GIL for a moment, so a thread waiting for it (the event loop's) can
-    take it now rather than after the interpreter's switch interval."""
-    time.sleep(0)
-
-
-def _slices(count: int) -> range:
-    return range(0, count, SLICE)
 
 
 @dataclass
@@ -126,13 +119,6 @@ def _typed(piece: Piece, buf: torch.Tensor) -> torch.Tensor | None:
     return buf.view(dtype)
 
 
-def _offsets(piece: Piece) -> list[int]:
-    """Element offsets in the typed buffer where each slice of whole tensors starts."""
-    assert piece.numels is not None
-    ends = np.concatenate(([0], np.cumsum(piece.numels)))
-    return [int(ends[i]) for i in [*_slices(len(piece.whole)), len(piece.whole)]]
-
-
 def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
     typed = _typed(piece, buf)
     small = buf.numel() <= SMALL * len(piece.whole)
@@ -142,17 +128,10 @@ def _gather_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocki
         flat = piece.numels is not None and bool((piece.numels > 1).all())
         _typed_slices(piece, typed, _chunk_cat_into if flat else _flatten_into)
     elif typed is not None and not same_device:
-
-        def copy(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            parts = torch._C._nn.unflatten_dense_tensors(out, list(whole))
-            torch._foreach_copy_(parts, whole, non_blocking=non_blocking)
-
-        _typed_slices(piece, typed, copy)
+        _typed_slices(piece, typed, _foreach_copier(into_buffer=True, non_blocking=non_blocking))
     elif same_device:
         pos = 0
-        for k, i in enumerate(_slices(len(piece.whole))):
-            if k:
-                _let_go()
+        for i in gil_slices(len(piece.whole), SLICE):
             views = [as_bytes(t) for t in piece.whole[i : i + SLICE]]
             size = sum(v.numel() for v in views)
             torch.cat(views, out=buf[pos : pos + size])
@@ -174,18 +153,26 @@ def _flatten_into(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
     out.copy_(torch._C._nn.flatten_dense_tensors(list(whole)))
 
 
-def _typed_slices(
-    piece: Piece,
-    typed: torch.Tensor,
-    kernel: Callable[[tuple[torch.Tensor, ...], torch.Tensor], None],
-) -> None:
+def _foreach_copier(*, into_buffer: bool, non_blocking: bool) -> _Kernel:
+    """Copies between tensors and their part of a buffer, viewed as the tensors' shapes."""
+
+    def copy(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        parts = torch._C._nn.unflatten_dense_tensors(out, list(whole))
+        dst, src = (parts, list(whole)) if into_buffer else (list(whole), parts)
+        torch._foreach_copy_(dst, src, non_blocking=non_blocking)
+
+    return copy
+
+
+def _typed_slices(piece: Piece, typed: torch.Tensor, kernel: _Kernel) -> None:
     """Runs ``kernel(tensors, their part of typed)`` over the whole tensors, SLICE at a
-    time, letting go of the GIL between calls."""
-    whole, offsets = piece.whole, _offsets(piece)
-    for k, i in enumerate(_slices(len(whole))):
-        if k:
-            _let_go()
-        kernel(whole[i : i + SLICE], typed[offsets[k] : offsets[k + 1]])
+    time (see gil_slices)."""
+    assert piece.numels is not None
+    whole = piece.whole
+    ends = np.concatenate(([0], np.cumsum(piece.numels)))
+    for i in gil_slices(len(whole), SLICE):
+        j = min(i + SLICE, len(whole))
+        kernel(whole[i:j], typed[int(ends[i]) : int(ends[j])])
 
 
 def _scatter_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_blocking: bool) -> None:
@@ -204,21 +191,14 @@ def _scatter_whole(piece: Piece, buf: torch.Tensor, same_device: bool, non_block
         torch.split_with_sizes_copy(typed, sizes, 0, out=list(piece.whole))
         return
     if typed is not None:
-
-        def copy(whole: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            parts = torch._C._nn.unflatten_dense_tensors(out, list(whole))
-            torch._foreach_copy_(list(whole), parts, non_blocking=non_blocking)
-
-        _typed_slices(piece, typed, copy)
+        _typed_slices(piece, typed, _foreach_copier(into_buffer=False, non_blocking=non_blocking))
         return
     views = [as_bytes(t) for t in piece.whole]
     # a few: one memcpy each, on the copy engines, taking no SMs from the NCCL kernel
     # running beside them; past that the launches cost more than the SMs
     if len(views) > FEW and same_device:
         parts = list(torch.split(buf, [v.numel() for v in views]))
-        for k, i in enumerate(_slices(len(views))):
-            if k:
-                _let_go()
+        for i in gil_slices(len(views), SLICE):
             torch._foreach_copy_(views[i : i + SLICE], parts[i : i + SLICE])
         return
     pos = 0
