@@ -482,9 +482,8 @@ class Communicator:
         except TimeoutError as exc:
             error: AEPLBError = TransferTimeoutError(
                 f"the batch missed its deadline on rank {self.rank}: {short_error(exc)}. A "
-                "peer may be "
-                "dead, stopped or not executing a matching batch; the communicator is broken, "
-                "create a new one"
+                "peer may be dead, stopped or not executing a matching batch; the "
+                "communicator is broken, create a new one"
             )
             self._break(error, exc)
             raise error from exc
@@ -620,33 +619,24 @@ class Communicator:
             return None
         self._closed = True
         self._queue = OpQueue()
-        job = self._worker.submit(self._close_parts)
+        # the job holds the parts, not self, so __del__ can close through here too
+        transport, gather = self._transport, self._gather
+        job = self._worker.submit(lambda: _close_parts(transport, gather))
         self._worker.stop()
         return job if self._broken is None else None
-
-    def _close_parts(self) -> None:
-        """Runs on the worker thread, after every batch handed to it."""
-        _close_parts(self._transport, self._gather)
 
     def __del__(self) -> None:
         # An unclosed communicator would keep its worker thread (and the transport's
         # sockets or CUDA resources) until the process exits.
         if getattr(self, "_closed", True):
             return  # closed, or __init__ failed before there was anything to release
-        self._closed = True
         warnings.warn(
             f"unclosed {self!r}: call `await comm.aclose()` or use `async with comm`",
             ResourceWarning,
             source=self,
             stacklevel=2,
         )
-        # the job must not hold self: this object is going away
-        transport, gather = self._transport, self._gather
-        try:
-            self._worker.submit(lambda: _close_parts(transport, gather))
-        except WorkerStopped:
-            pass
-        self._worker.stop()
+        self._begin_close()
 
     def _close_blocking(self) -> None:
         job = self._begin_close()
@@ -686,6 +676,7 @@ class Communicator:
 
 
 def _close_parts(transport: Transport, gather: NodeGather | None) -> None:
+    """Runs on the worker thread, after every batch handed to it."""
     try:
         transport.close()
     finally:
