@@ -110,3 +110,14 @@ def test_a_rank_that_dies_without_a_word_is_put_down_where_rank_0_was(tmp_path: 
             "ranks": [1],
         }
     ]
+
+
+def test_the_recorded_command_names_no_machine_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aeplb.bench.__main__ import _portable
+
+    monkeypatch.chdir(tmp_path)
+    assert _portable(str(tmp_path / "out" / "bench.json")) == "out/bench.json"
+    assert _portable("/somewhere/else/bench.json") == "bench.json"
+    assert _portable("--reps") == "--reps"

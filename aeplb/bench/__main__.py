@@ -290,6 +290,15 @@ def _show(results: Results) -> None:
         print("the run stopped there: the rows above are what was measured before it")
 
 
+def _portable(arg: str) -> str:
+    """An argument as another machine could give it: paths relative to the working
+    directory, and a file elsewhere (an output folder) by its name alone."""
+    if not os.path.isabs(arg):
+        return arg
+    relative = os.path.relpath(arg)
+    return os.path.basename(arg) if relative.startswith("..") else relative
+
+
 def _meta(args: argparse.Namespace, world: int) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -297,7 +306,7 @@ def _meta(args: argparse.Namespace, world: int) -> dict[str, Any]:
         "ranks": world,
         "torch": torch.__version__,
         "nccl": _nccl_version(),
-        "argv": sys.argv,
+        "argv": ["python", "-m", "aeplb.bench", *map(_portable, sys.argv[1:])],
         "reps": args.reps,
         "gc_freeze": args.gc_freeze,
         "switch_interval_ms": args.switch_interval,
