@@ -7,15 +7,12 @@ event loop or later in the caller's CUDA stream ever sees a torn layer.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
 import inspect
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 import anyio.abc
@@ -24,17 +21,18 @@ import anyio.to_thread
 import numpy as np
 import torch
 
-from ._communicator import MAX_TIMEOUT, Communicator
-from ._exceptions import InvalidTransferError, PeerMismatchError
+from ._communicator import Communicator
+from ._exceptions import InvalidTransferError
+from ._onstreams import current_streams, in_thread, on_streams, to_device
+from ._rearrange_args import Args, check_agreement, check_args, timeout_ok
 from ._runtime import transfer_mode
-from .plan import LayerPlan, RearrangementPlan, plan_rearrangement
+from .plan import LayerPlan, RearrangementPlan
 
 if TYPE_CHECKING:
     from ._stats import TransferStats
 
 __all__ = ["ExpectedBytes", "RearrangeStats", "expected_bytes", "rearrange_experts"]
 
-_T = TypeVar("_T")
 
 # After a failure, how long past the transfer deadline to wait for a batch already in flight.
 _DRAIN_GRACE = 5.0
@@ -176,10 +174,10 @@ async def rearrange_experts(
             f"comm: expected an aeplb.Communicator (from create_communicator), got "
             f"{type(comm).__name__}"
         )
-    args: _Args | None = None
+    args: Args | None = None
     problem: Exception | None = None
     try:
-        args = await _check_args(
+        args = await check_args(
             comm,
             expert_weights,
             old_phy2log,
@@ -194,7 +192,7 @@ async def rearrange_experts(
     except Exception as exc:
         problem = exc  # raised after the agreement, which tells the peers to stop at once
     if check_placements and comm.world_size > 1:
-        await _check_agreement(comm, args, problem, timeout if _timeout_ok(timeout) else None)
+        await check_agreement(comm, args, problem, timeout if timeout_ok(timeout) else None)
     if problem is not None:
         raise problem
     assert args is not None
@@ -210,65 +208,6 @@ async def rearrange_experts(
         layer_seconds=tuple(run.layer_seconds),
         transfer_seconds=run.transfer_seconds,
     )
-
-
-class _Args(NamedTuple):
-    """The checked arguments of one rearrange_experts call."""
-
-    weights: list[list[torch.Tensor]]
-    plan: RearrangementPlan
-    old: np.ndarray
-    new: np.ndarray
-
-
-def _timeout_ok(timeout: object) -> bool:
-    return timeout is None or (
-        not isinstance(timeout, bool)
-        and isinstance(timeout, (int, float))
-        and 0 < timeout <= MAX_TIMEOUT  # also refuses NaN
-    )
-
-
-async def _check_args(
-    comm: Communicator,
-    expert_weights: object,
-    old_phy2log: object,
-    new_phy2log: object,
-    on_layer: object,
-    on_progress: object,
-    log2phy: object,
-    logcnt: object,
-    depth: object,
-    timeout: object,
-) -> _Args:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise InvalidTransferError(f"layers_in_flight: expected an int >= 1, got {depth!r}")
-    if not _timeout_ok(timeout):
-        raise InvalidTransferError(
-            f"timeout: expected positive seconds up to {MAX_TIMEOUT:g} or None, got {timeout!r}"
-        )
-    for name, fn in (("on_layer", on_layer), ("on_progress", on_progress)):
-        if fn is not None and not callable(fn):  # else it would fail after a commit
-            raise InvalidTransferError(f"{name}: expected a callable or None, got {fn!r}")
-    if comm.pending:
-        raise InvalidTransferError(
-            f"comm: has {comm.pending} queued op(s) that would join the first layer's batch; "
-            "execute or clear() them before rearranging"
-        )
-    if not isinstance(old_phy2log, torch.Tensor) or old_phy2log.is_floating_point():
-        raise InvalidTransferError(
-            "old_phy2log: expected the live integer placement tensor (it is updated in place)"
-        )
-    old = await _host_copy(old_phy2log)
-    new = await _host_copy(new_phy2log) if isinstance(new_phy2log, torch.Tensor) else None
-    new = np.array(new_phy2log, copy=True) if new is None else new
-    # Planning takes milliseconds for large models: keep it off the event loop.
-    plan = await anyio.to_thread.run_sync(
-        functools.partial(plan_rearrangement, old, new, rank=comm.rank, world_size=comm.world_size)
-    )
-    weights = _check_weights(comm, expert_weights, len(plan.layers), plan.slots_per_rank)
-    _check_tables(plan, new, log2phy, logcnt)
-    return _Args(weights, plan, old, new)
 
 
 @dataclass
@@ -336,7 +275,7 @@ class _Run:
         self.new, self.timeout = new, timeout
         self.tables = [t for t in (phy2log, log2phy, logcnt) if t is not None]
         self.has_log2phy, self.has_logcnt = log2phy is not None, logcnt is not None
-        self.streams = _current_streams(
+        self.streams = current_streams(
             t.device for t in [*(w for ws in weights for w in ws), *self.tables]
         )
         self.changed = [lp for lp in plan.layers if lp.changed]
@@ -379,7 +318,7 @@ class _Run:
         async def refill() -> None:
             while len(staged) < depth and (lp := next(upcoming, None)) is not None:
                 # Off the loop: allocating staging memory can wait for the GPU (cudaMalloc).
-                staged.append(await _in_thread(self.streams, self._prepare, lp))
+                staged.append(await in_thread(self.streams, self._prepare, lp))
 
         async def progress(until: int) -> None:
             while self.reported < until:
@@ -454,13 +393,13 @@ class _Run:
             for w, block in zip(tensors, staged_blocks, strict=True):
                 for i, s in enumerate(sources):
                     block[i].copy_(w[s])
-            rows = [_to_device(r, t) for r, t in zip(rows, self.tables, strict=True)]
+            rows = [to_device(r, t) for r, t in zip(rows, self.tables, strict=True)]
         return _Layer(lp, recv_blocks, staged_blocks, {s: i for i, s in enumerate(sources)}, rows)
 
     def _commit(self, layer: _Layer, stats: TransferStats) -> None:
         lp = layer.plan
         tensors = self.weights[lp.layer]
-        with _on_streams(self.streams), torch.no_grad():
+        with on_streams(self.streams), torch.no_grad():
             for w, recv_block, staged in zip(
                 tensors, layer.recv_blocks, layer.staged_blocks, strict=True
             ):
@@ -486,44 +425,6 @@ async def _call(fn: Callable[..., object], *args: int) -> None:
         await result
 
 
-def _current_streams(devices: Iterable[torch.device]) -> list[torch.cuda.Stream]:
-    cuda = {d for d in devices if d.type == "cuda"}
-    return [torch.cuda.current_stream(d) for d in sorted(cuda, key=str)]
-
-
-@contextlib.contextmanager
-def _on_streams(streams: list[torch.cuda.Stream]) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for stream in streams:
-            stack.enter_context(torch.cuda.stream(stream))
-        yield
-
-
-async def _in_thread(streams: list[torch.cuda.Stream], fn: Callable[..., _T], *args: Any) -> _T:
-    """Runs ``fn`` in a worker thread, issuing its CUDA work on the caller's streams."""
-
-    def call() -> _T:
-        with _on_streams(streams), transfer_mode():
-            return fn(*args)
-
-    return await anyio.to_thread.run_sync(call)
-
-
-async def _host_copy(t: torch.Tensor) -> np.ndarray:
-    if t.device.type == "cpu":
-        return t.detach().clone().numpy()
-    # A device-to-host copy waits for queued GPU work; keep that wait off the event loop.
-    return await _in_thread(_current_streams([t.device]), lambda: t.detach().cpu().numpy())
-
-
-def _to_device(row: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    row = row.to(like.dtype)
-    if like.device.type == "cuda":
-        # Pinned + non_blocking: a pageable copy would synchronize the caller's stream.
-        return row.pin_memory().to(like.device, non_blocking=True)
-    return row.to(like.device)
-
-
 def _log2phy_row(row: np.ndarray, num_experts: int, maxcnt: int) -> np.ndarray:
     out = np.full((num_experts, maxcnt), -1, dtype=np.int64)
     fill = np.zeros(num_experts, dtype=np.int64)
@@ -531,144 +432,3 @@ def _log2phy_row(row: np.ndarray, num_experts: int, maxcnt: int) -> np.ndarray:
         out[expert, fill[expert]] = slot
         fill[expert] += 1
     return out
-
-
-def _check_weights(
-    comm: Communicator, expert_weights: object, num_layers: int, slots: int
-) -> list[list[torch.Tensor]]:
-    layers = _as_list(expert_weights, "expert_weights")
-    if len(layers) != num_layers:
-        raise InvalidTransferError(
-            f"expert_weights: expected {num_layers} layers (one per placement row), "
-            f"got {len(layers)}"
-        )
-    out: list[list[torch.Tensor]] = []
-    for layer, entry in enumerate(layers):
-        tensors = _as_list(entry, f"expert_weights[{layer}]")
-        if not tensors:
-            raise InvalidTransferError(
-                f"expert_weights[{layer}]: is empty; pass the layer's expert tensors (w1, w2, ...)"
-            )
-        for k, w in enumerate(tensors):
-            where = f"expert_weights[{layer}][{k}]"
-            if not isinstance(w, torch.Tensor) or w.dim() == 0 or w.shape[0] != slots:
-                shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                raise InvalidTransferError(
-                    f"{where}: expected a tensor whose dim 0 holds this rank's {slots} slots "
-                    f"(R / world_size), got {shape}"
-                )
-            if not w.is_contiguous():
-                raise InvalidTransferError(
-                    f"{where}: is not contiguous; pass the contiguous parameter tensor itself "
-                    "(slots are sent straight from it and written in place)"
-                )
-            try:  # the transport's own checks (device, layout), with nothing executed
-                with torch.no_grad():
-                    comm.add_recv(w[0], 0)
-            except InvalidTransferError as exc:
-                raise InvalidTransferError(
-                    f"{where}: the communicator cannot move it: {exc}"
-                ) from exc
-            finally:
-                comm.clear()
-        out.append(tensors)
-    return out
-
-
-def _as_list(value: object, name: str) -> list[Any]:
-    # A tensor is iterable too, but iterating one here would silently mean something else.
-    if isinstance(value, torch.Tensor) or not isinstance(value, Iterable):
-        raise InvalidTransferError(
-            f"{name}: expected a sequence (e.g. a list), got {type(value).__name__}; "
-            "expert_weights is indexed as expert_weights[layer][k]"
-        )
-    return list(value)
-
-
-def _check_tables(
-    plan: RearrangementPlan, new: np.ndarray, log2phy: object, logcnt: object
-) -> None:
-    num_layers = len(plan.layers)
-    rows = [new[lp.layer] for lp in plan.layers if lp.changed]
-    experts = max((int(r.max()) + 1 for r in rows), default=0)
-    most = max((int(np.bincount(r).max()) for r in rows), default=0)
-    for name, table, ndim in (("log2phy", log2phy, 3), ("logcnt", logcnt, 2)):
-        if table is None:
-            continue
-        if not isinstance(table, torch.Tensor) or table.is_floating_point() or table.dim() != ndim:
-            raise InvalidTransferError(
-                f"{name}: expected a {ndim}-D integer tensor (updated in place), got "
-                f"{getattr(table, 'shape', type(table).__name__)}"
-            )
-        if table.shape[0] != num_layers or table.shape[1] < experts:
-            raise InvalidTransferError(
-                f"{name}: shape {tuple(table.shape)} does not cover {num_layers} layers x "
-                f"{experts} experts of new_phy2log"
-            )
-        if ndim == 3 and table.shape[2] < most:
-            raise InvalidTransferError(
-                f"log2phy: new_phy2log places an expert in {most} slots but log2phy has room "
-                f"for {table.shape[2]}; allocate log2phy with maxcnt >= {most}"
-            )
-
-
-async def _check_agreement(
-    comm: Communicator, args: _Args | None, problem: Exception | None, timeout: float | None
-) -> None:
-    """One small batch with every peer: each rank sends a digest of both placements and
-    whether it rejected its arguments (``args`` None, ``problem`` its error)."""
-    mine = (0, 1) if args is None else (_digest(args.old, args.new), 0)
-    try:
-        got = await _exchange(comm, mine, timeout)
-    except Exception:
-        if problem is None:
-            raise
-        # This rank's own error is what to fix; the exchange's (which may have broken the
-        # communicator) stays visible as its context.
-        raise problem  # noqa: B904
-    if problem is not None:
-        return  # the caller raises it
-    rejected = [p for p, (_, flag) in enumerate(got) if p != comm.rank and flag]
-    if rejected:
-        raise PeerMismatchError(
-            f"rearrange_experts: rank(s) {rejected} rejected their arguments (the error raised "
-            f"there says why), so rank {comm.rank} stops too; nothing moved and the "
-            "communicator stays usable: call again with valid arguments on every rank"
-        )
-    differ = [p for p, (v, _) in enumerate(got) if p != comm.rank and v != mine[0]]
-    if differ:
-        raise InvalidTransferError(
-            f"old_phy2log/new_phy2log: rank {comm.rank}'s placements differ from rank(s) "
-            f"{differ}; every rank must pass identical placements (after a failure, compare "
-            "committed rows across ranks before retrying)"
-        )
-
-
-def _digest(old: np.ndarray, new: np.ndarray) -> int:
-    digest = hashlib.blake2b(digest_size=8)
-    for arr in (old, new):
-        digest.update(repr(arr.shape).encode())
-        digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-    return int.from_bytes(digest.digest(), "little", signed=True)
-
-
-async def _exchange(
-    comm: Communicator, mine: tuple[int, int], timeout: float | None
-) -> list[list[int]]:
-    """Sends ``mine`` to every peer and returns every rank's, by rank (this rank's zeros)."""
-    # The transport's own device (its warm-up's): the weights may be what this rank rejected.
-    device = comm._transport.home_device()
-
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
-        theirs = torch.zeros((comm.world_size, len(mine)), dtype=torch.int64, device=device)
-        return theirs, _to_device(torch.tensor(mine, dtype=torch.int64), theirs)
-
-    theirs, sent = await _in_thread(_current_streams([device]), make)
-    # Apart from any queued ops, which a rank rejects but keeps.
-    async with comm.batch(timeout=timeout) as batch:
-        for peer in range(comm.world_size):
-            if peer != comm.rank:
-                batch.add_send(sent, peer)
-                batch.add_recv(theirs[peer], peer)
-    rows: list[list[int]] = (await _host_copy(theirs)).tolist()
-    return rows
