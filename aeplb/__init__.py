@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._batch import Batch
-from ._communicator import BlockingCommunicator, Communicator
+from ._blocking import BlockingCommunicator
+from ._communicator import Communicator
 from ._create import create_communicator
 from ._exceptions import (
     AEPLBError,

@@ -13,6 +13,7 @@ import anyio
 import torch
 
 from . import _manifest
+from ._checks import check_bool, check_timeout, set_up_timeout
 from ._exceptions import (
     AEPLBError,
     BrokenCommunicatorError,
@@ -32,13 +33,14 @@ from ._ops import (
     prepare,
     read_write_overlap,
 )
-from ._runtime import Job, Worker, WorkerStopped, in_event_loop
+from ._runtime import Job, Worker, WorkerStopped
 from ._stats import CommunicatorStatistics, TransferStats
 from .transports._cudabase import CudaTransport
 from .transports._node import NodeGather, node_gather
 
 if TYPE_CHECKING:
     from ._batch import Batch
+    from ._blocking import BlockingCommunicator
     from .transports._base import Transport
 
 # How long past its deadline a batch may run before the awaiting side gives up on the
@@ -64,42 +66,6 @@ class _Pending:
 
 _STRIDED = torch.strided
 
-# The warm-up's deadline is at least this: NCCL's setup at scale takes seconds.
-WARM_UP_MIN_TIMEOUT = 120.0
-
-# Longest deadline accepted: backends turn the remaining time into C integers of
-# milliseconds (Gloo overflows past about 24 days); None waits without a deadline.
-MAX_TIMEOUT = 1e6
-
-
-def _check_timeout(timeout: object, where: str) -> float | None:
-    if timeout is None:
-        return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 < timeout <= MAX_TIMEOUT  # also rejects NaN
-    ):
-        raise InvalidTransferError(
-            f"{where}: timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} "
-            f"(or None for no deadline), got {timeout!r}"
-        )
-    return float(timeout)
-
-
-def set_up_timeout(timeout: float | None) -> float | None:
-    """The deadline of set-up work: the timeout, but NCCL's set-up at scale takes
-    seconds, so at least WARM_UP_MIN_TIMEOUT; none without a timeout."""
-    return None if timeout is None else max(timeout, WARM_UP_MIN_TIMEOUT)
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidTransferError(
-            f"create_communicator: {name} must be True or False, got {value!r}"
-        )
-    return value
-
 
 class Communicator:
     """Queues point-to-point sends and receives and runs them as one awaitable batch.
@@ -124,8 +90,8 @@ class Communicator:
         # read by every add_send/add_recv: kept here to spare the lookups through transport
         self._rank, self._world_size = transport.rank, transport.world_size
         self._accepts = transport.accepts
-        self._timeout = _check_timeout(timeout, "create_communicator")
-        self._check_peers = _check_bool(check_peers, "check_peers")
+        self._timeout = check_timeout(timeout, "create_communicator")
+        self._check_peers = check_bool(check_peers, "check_peers")
         if enqueue_on not in ("worker", "caller"):
             raise InvalidTransferError(
                 f"enqueue_on must be 'worker' or 'caller', got {enqueue_on!r}"
@@ -223,7 +189,7 @@ class Communicator:
         """
         from ._batch import Batch
 
-        _check_timeout(timeout, "batch")  # now, not when the block's ops are about to run
+        check_timeout(timeout, "batch")  # now, not when the block's ops are about to run
         return Batch(self, timeout)
 
     def set_stream(self, stream: torch.cuda.Stream | None) -> None:
@@ -422,7 +388,7 @@ class Communicator:
                 "execute() is already in progress on this communicator; await it before "
                 "starting another batch (use one communicator per concurrent stream of batches)"
             )
-        timeout = _check_timeout(timeout, "execute") or self._timeout
+        timeout = check_timeout(timeout, "execute") or self._timeout
         called_at = time.monotonic()
         deadline = None if timeout is None else called_at + timeout
         rejected: InvalidTransferError | None = None
@@ -612,6 +578,8 @@ class Communicator:
     def blocking(self) -> BlockingCommunicator:
         """Returns a facade with the reference four-method interface; ``execute()`` blocks."""
         self._check_usable()
+        from ._blocking import BlockingCommunicator
+
         return BlockingCommunicator(self)
 
     def _begin_close(self) -> Job[None] | None:
@@ -682,54 +650,3 @@ def _close_parts(transport: Transport, gather: NodeGather | None) -> None:
     finally:
         if gather is not None:
             gather.close()
-
-
-class BlockingCommunicator:
-    """The reference four-method interface over a :class:`Communicator`.
-
-    ``execute()`` blocks the calling thread until the batch is done, so code written for
-    synchronous EPLB communicators runs unchanged.
-    """
-
-    def __init__(self, communicator: Communicator) -> None:
-        self._comm = communicator
-
-    @property
-    def communicator(self) -> Communicator:
-        """The awaitable communicator underneath."""
-        return self._comm
-
-    def add_send(self, tensor: torch.Tensor, dst_rank: int) -> None:
-        """Queues sending ``tensor`` to ``dst_rank``."""
-        self._comm.add_send(tensor, dst_rank)
-
-    def add_recv(self, tensor: torch.Tensor, src_rank: int) -> None:
-        """Queues receiving into ``tensor`` from ``src_rank``."""
-        self._comm.add_recv(tensor, src_rank)
-
-    def execute(self, timeout: float | None = None) -> TransferStats:
-        """Runs every queued op as one batch, blocking until it is done.
-
-        Called from a thread that runs an event loop, it blocks that loop too: it works
-        (engines do it on purpose) and warns once per communicator; async code should
-        ``await comm.communicator.execute()`` instead.
-        """
-        comm = self._comm
-        if not comm._warned_blocking and in_event_loop():
-            comm._warned_blocking = True
-            warnings.warn(
-                "BlockingCommunicator.execute() was called from a running event loop, which "
-                "it blocks until the batch ends; use `await comm.execute()` to keep the loop "
-                "serving",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return comm._execute_blocking(timeout)
-
-    def set_stream(self, stream: torch.cuda.Stream | None) -> None:
-        """Runs later transfers on ``stream``."""
-        self._comm.set_stream(stream)
-
-    def close(self) -> None:
-        """Closes the communicator, waiting for batches already handed to it."""
-        self._comm._close_blocking()

@@ -6,7 +6,8 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from ._communicator import Communicator, _check_bool, _check_timeout, set_up_timeout
+from ._checks import check_bool, check_timeout, set_up_timeout
+from ._communicator import Communicator
 from ._exceptions import AEPLBError, BackendUnavailableError, InvalidTransferError, short_error
 from .transports._base import Transport
 
@@ -250,7 +251,7 @@ def create_communicator(
             f"create_communicator: group must be a torch.distributed.ProcessGroup (from "
             f"new_group) or None for the default group, got {type(group).__name__}"
         )
-    _check_timeout(timeout, "create_communicator")  # before any group is created
+    check_timeout(timeout, "create_communicator")  # before any group is created
     rank = dist.get_rank(group)
     if rank < 0:
         raise InvalidTransferError(
@@ -266,9 +267,9 @@ def create_communicator(
             raise InvalidTransferError(
                 f"create_communicator: device={device!r} is not a torch device"
             ) from exc
-    check_peers = _check_bool(options.pop("check_peers", True), "check_peers")
+    check_peers = check_bool(options.pop("check_peers", True), "check_peers")
     enqueue_on = options.pop("enqueue_on", "worker")
-    warm_up = _check_bool(options.pop("warm_up", True), "warm_up")
+    warm_up = check_bool(options.pop("warm_up", True), "warm_up")
     name = _choose(backend, group, dev)
     unknown = set(options) - _OPTIONS.get(name, _CUDA_OPTIONS)
     if unknown:  # before the transport exists: it may hold groups, threads, an NCCL comm

@@ -15,7 +15,8 @@ import anyio.to_thread
 import numpy as np
 import torch
 
-from ._communicator import MAX_TIMEOUT, Communicator
+from ._checks import MAX_TIMEOUT, timeout_ok
+from ._communicator import Communicator
 from ._exceptions import InvalidTransferError, PeerMismatchError
 from ._onstreams import current_streams, host_copy, in_thread, to_device
 from .plan import RearrangementPlan, plan_rearrangement
@@ -28,14 +29,6 @@ class Args(NamedTuple):
     plan: RearrangementPlan
     old: np.ndarray
     new: np.ndarray
-
-
-def timeout_ok(timeout: object) -> bool:
-    return timeout is None or (
-        not isinstance(timeout, bool)
-        and isinstance(timeout, (int, float))
-        and 0 < timeout <= MAX_TIMEOUT  # also refuses NaN
-    )
 
 
 async def check_args(

@@ -21,10 +21,11 @@ import anyio.to_thread
 import numpy as np
 import torch
 
+from ._checks import timeout_ok
 from ._communicator import Communicator
 from ._exceptions import InvalidTransferError
 from ._onstreams import current_streams, in_thread, on_streams, to_device
-from ._rearrange_args import Args, check_agreement, check_args, timeout_ok
+from ._rearrange_args import Args, check_agreement, check_args
 from ._runtime import transfer_mode
 from .plan import LayerPlan, RearrangementPlan
 
