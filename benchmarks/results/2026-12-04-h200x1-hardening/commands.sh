@@ -24,3 +24,6 @@ PY
 # Run C, on the final code (a broken gloo communicator closes its groups' connections): the
 # whole GPU suite again, output in run-C/.
 # timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=60 -rA tests
+# Run D, after the review's refactors: the whole GPU suite again, output in run-D/ (paths
+# relative to the repository).
+# timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout=60 -rA tests | sed "s#$PWD/##g"
